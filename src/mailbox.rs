@@ -90,8 +90,12 @@ mod tests {
             serde_json::to_string(&Mailbox::new("")).unwrap(),
             r#"{"m":""}"#
         );
-        let back: Mailbox = serde_json::from_str(r#"{"m":"bob","e":[{"k":"BODY","p":"8BITMIME"}]}"#).unwrap();
-        assert_eq!(back.param("body").unwrap().value.as_deref(), Some("8BITMIME"));
+        let back: Mailbox =
+            serde_json::from_str(r#"{"m":"bob","e":[{"k":"BODY","p":"8BITMIME"}]}"#).unwrap();
+        assert_eq!(
+            back.param("body").unwrap().value.as_deref(),
+            Some("8BITMIME")
+        );
     }
 
     #[test]

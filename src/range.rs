@@ -114,13 +114,29 @@ mod tests {
     fn parse_ranges() {
         assert_eq!(
             ContentRange::parse("bytes 0-6/*").unwrap(),
-            ContentRange { first: 0, last: 6, total: None }
+            ContentRange {
+                first: 0,
+                last: 6,
+                total: None
+            }
         );
         assert_eq!(
             ContentRange::parse("bytes 7-12/13").unwrap(),
-            ContentRange { first: 7, last: 12, total: Some(13) }
+            ContentRange {
+                first: 7,
+                last: 12,
+                total: Some(13)
+            }
         );
-        for bad in ["bytes */13", "items 0-1/2", "bytes 5-4/*", "bytes 0-13/13", "bytes -1-2/*", "bytes 0-x/*", ""] {
+        for bad in [
+            "bytes */13",
+            "items 0-1/2",
+            "bytes 5-4/*",
+            "bytes 0-13/13",
+            "bytes -1-2/*",
+            "bytes 0-x/*",
+            "",
+        ] {
             assert_eq!(ContentRange::parse(bad), Err(RangeError), "{bad}");
         }
         assert_eq!(ContentRange::for_chunk(7, 6, Some(13)), "bytes 7-12/13");
@@ -129,13 +145,59 @@ mod tests {
 
     #[test]
     fn held() {
-        assert_eq!(HeldRange { length: 13, total: Some(13) }.header(), "bytes 0-12/13");
-        assert_eq!(HeldRange { length: 7, total: None }.header(), "bytes 0-6/*");
-        assert_eq!(HeldRange { length: 0, total: Some(0) }.header(), "bytes */0");
-        assert_eq!(HeldRange { length: 0, total: None }.header(), "bytes */*");
-        assert_eq!(HeldRange::parse("bytes 0-12/13").unwrap(), HeldRange { length: 13, total: Some(13) });
-        assert_eq!(HeldRange::parse("bytes */0").unwrap(), HeldRange { length: 0, total: Some(0) });
+        assert_eq!(
+            HeldRange {
+                length: 13,
+                total: Some(13)
+            }
+            .header(),
+            "bytes 0-12/13"
+        );
+        assert_eq!(
+            HeldRange {
+                length: 7,
+                total: None
+            }
+            .header(),
+            "bytes 0-6/*"
+        );
+        assert_eq!(
+            HeldRange {
+                length: 0,
+                total: Some(0)
+            }
+            .header(),
+            "bytes */0"
+        );
+        assert_eq!(
+            HeldRange {
+                length: 0,
+                total: None
+            }
+            .header(),
+            "bytes */*"
+        );
+        assert_eq!(
+            HeldRange::parse("bytes 0-12/13").unwrap(),
+            HeldRange {
+                length: 13,
+                total: Some(13)
+            }
+        );
+        assert_eq!(
+            HeldRange::parse("bytes */0").unwrap(),
+            HeldRange {
+                length: 0,
+                total: Some(0)
+            }
+        );
         assert!(HeldRange::parse("bytes 1-12/13").is_err());
-        assert!(HeldRange { length: 13, total: Some(13) }.finalized());
+        assert!(
+            HeldRange {
+                length: 13,
+                total: Some(13)
+            }
+            .finalized()
+        );
     }
 }

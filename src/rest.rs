@@ -70,7 +70,9 @@ impl BlobUri {
         let path = path.split(['?', '#']).next()?;
         let rest = path.strip_prefix("/transactions/")?;
         let mut parts = rest.split('/');
-        let tx = parts.next().filter(|t| crate::rest_id::is_valid_rest_id(t))?;
+        let tx = parts
+            .next()
+            .filter(|t| crate::rest_id::is_valid_rest_id(t))?;
         let blob = match (parts.next(), parts.next(), parts.next()) {
             (Some("body"), None, None) => BODY_BLOB.to_string(),
             (Some("blob"), Some(id), None) if !id.is_empty() => id.to_string(),
@@ -116,7 +118,12 @@ pub enum BodyRequest {
 
 /// The parts lists of a message-builder spec that carry blobs, in blob-index order.
 const PART_LISTS: [&str; 3] = ["text_body", "related_attachments", "file_attachments"];
-const SPEC_STANZAS: [&str; 4] = ["headers", "text_body", "related_attachments", "file_attachments"];
+const SPEC_STANZAS: [&str; 4] = [
+    "headers",
+    "text_body",
+    "related_attachments",
+    "file_attachments",
+];
 
 impl BodyRequest {
     fn parse(v: Value) -> Result<Option<BodyRequest>, RestJsonError> {
@@ -146,9 +153,7 @@ impl BodyRequest {
             let parsed = BlobUri::parse(uri)
                 .filter(|u| u.blob == BODY_BLOB)
                 .ok_or_else(|| {
-                    RestJsonError::Body(format!(
-                        "reuse_uri {uri:?} is not /transactions/<id>/body"
-                    ))
+                    RestJsonError::Body(format!("reuse_uri {uri:?} is not /transactions/<id>/body"))
                 })?;
             return Ok(Some(BodyRequest::Reuse(parsed)));
         }
@@ -160,7 +165,8 @@ impl BodyRequest {
         let obj = spec.as_object_mut().expect("checked by caller");
         if !SPEC_STANZAS.iter().any(|k| obj.contains_key(*k)) {
             return Err(bad(
-                "message_builder needs headers, text_body, related_attachments or file_attachments".into(),
+                "message_builder needs headers, text_body, related_attachments or file_attachments"
+                    .into(),
             ));
         }
         let mut blobs: Vec<(String, BlobSource)> = Vec::new();
@@ -478,7 +484,10 @@ pub fn render_update(update: &Update) -> Vec<u8> {
         m.insert("mail_from".into(), serde_json::to_value(mf).unwrap());
     }
     if !update.rcpt_to.is_empty() {
-        m.insert("rcpt_to".into(), serde_json::to_value(&update.rcpt_to).unwrap());
+        m.insert(
+            "rcpt_to".into(),
+            serde_json::to_value(&update.rcpt_to).unwrap(),
+        );
         if update.rcpt_to_list_offset > 0 {
             m.insert(
                 "rcpt_to_list_offset".into(),

@@ -339,7 +339,10 @@ mod tests {
         assert_eq!(t.apply(&r1), Ok(true));
         assert_eq!(
             t.apply(&r1),
-            Err(UpdateError::RcptOffset { offset: 0, present: 1 })
+            Err(UpdateError::RcptOffset {
+                offset: 0,
+                present: 1
+            })
         );
         let r2 = Update {
             rcpt_to: vec![Mailbox::new("r2@x")],

@@ -57,7 +57,10 @@ fn create_rejections() {
     for (input, want) in cases {
         let err = CreateRequest::parse(input.as_bytes()).unwrap_err();
         assert!(err.to_string().contains(want), "{input}: {err}");
-        assert!(err.to_string().starts_with("invalid tx json"), "{input}: {err}");
+        assert!(
+            err.to_string().starts_with("invalid tx json"),
+            "{input}: {err}"
+        );
     }
     assert_eq!(
         CreateRequest::parse(br#"{"sender":{"name":"a","yaml":1}}"#).unwrap_err(),
@@ -74,7 +77,10 @@ fn create_rejections() {
         r#"{"body":{"message_builder":{"bogus":1}}}"#,
     ] {
         assert!(
-            matches!(CreateRequest::parse(body.as_bytes()), Err(RestJsonError::Body(_))),
+            matches!(
+                CreateRequest::parse(body.as_bytes()),
+                Err(RestJsonError::Body(_))
+            ),
             "{body}"
         );
     }
@@ -119,17 +125,29 @@ fn message_builder_blob_ids() {
     assert_eq!(
         blobs,
         vec![
-            ("inline0".to_string(), BlobSource::Inline("hello, world!".into())),
+            (
+                "inline0".to_string(),
+                BlobSource::Inline("hello, world!".into())
+            ),
             ("my_html".to_string(), BlobSource::Create),
             (
                 "pdf".to_string(),
-                BlobSource::Reuse(BlobUri { tx: "kG06gw".into(), blob: "pdf".into() })
+                BlobSource::Reuse(BlobUri {
+                    tx: "kG06gw".into(),
+                    blob: "pdf".into()
+                })
             ),
         ]
     );
-    assert_eq!(spec["text_body"][0]["content"], json!({"create_id": "inline0"}));
+    assert_eq!(
+        spec["text_body"][0]["content"],
+        json!({"create_id": "inline0"})
+    );
     assert_eq!(spec["text_body"][1]["content_type"], json!("text/html"));
-    assert_eq!(spec["file_attachments"][0]["content"], json!({"create_id": "pdf"}));
+    assert_eq!(
+        spec["file_attachments"][0]["content"],
+        json!({"create_id": "pdf"})
+    );
 
     let headers_only =
         CreateRequest::parse(br#"{"body":{"message_builder":{"headers":[["subject","x"]]}}}"#)
@@ -151,7 +169,10 @@ fn updates() {
     );
     let u = parse_update(br#"{"rcpt_to_list_offset":2,"rcpt_to":[{"m":"c"}]}"#).unwrap();
     assert_eq!(u.rcpt_to_list_offset, 2);
-    assert_eq!(render_update(&u), br#"{"rcpt_to":[{"m":"c"}],"rcpt_to_list_offset":2}"#);
+    assert_eq!(
+        render_update(&u),
+        br#"{"rcpt_to":[{"m":"c"}],"rcpt_to_list_offset":2}"#
+    );
     for bad in [
         r#"{"retry":{}}"#,
         r#"{"mail_from":null}"#,
@@ -162,7 +183,11 @@ fn updates() {
     ] {
         assert!(parse_update(bad.as_bytes()).is_err(), "{bad}");
     }
-    assert!(parse_update(br#"{"filter_output":{"x":{}}}"#).unwrap().is_empty());
+    assert!(
+        parse_update(br#"{"filter_output":{"x":{}}}"#)
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
@@ -196,7 +221,10 @@ fn read_view_golden() {
     assert!(back.mail_from && back.sender && back.retry);
     assert_eq!(back.rcpt_to, 1);
     assert_eq!(back.body, Some(body));
-    assert_eq!(back.final_attempt_reason.as_deref(), Some("upstream response success"));
+    assert_eq!(
+        back.final_attempt_reason.as_deref(),
+        Some("upstream response success")
+    );
 }
 
 #[test]
@@ -226,8 +254,20 @@ fn read_view_create_and_pending() {
             uri: None,
             blob_status: Some(
                 [
-                    ("inline0".to_string(), BlobStatus { uri: "u/blob/inline0".into(), finalized: true }),
-                    ("my_html".to_string(), BlobStatus { uri: "u/blob/my_html".into(), finalized: false }),
+                    (
+                        "inline0".to_string(),
+                        BlobStatus {
+                            uri: "u/blob/inline0".into(),
+                            finalized: true,
+                        },
+                    ),
+                    (
+                        "my_html".to_string(),
+                        BlobStatus {
+                            uri: "u/blob/my_html".into(),
+                            finalized: false,
+                        },
+                    ),
                 ]
                 .into(),
             ),
@@ -243,12 +283,14 @@ fn read_view_create_and_pending() {
 #[test]
 fn client_reads_receiver_shapes() {
     // The example receiver's create answer: finalized false, both body URIs, filter_output.
-    let r = ReadTx::parse(br#"{"remote_host":["127.0.0.1",59356],"local_host":["127.0.0.1",1025],
+    let r = ReadTx::parse(
+        br#"{"remote_host":["127.0.0.1",59356],"local_host":["127.0.0.1",1025],
  "mail_from":{},"rcpt_to":[{}],"sender":{},"filter_output":{},
  "mail_response":{"code":250,"message":"ok"},
  "rcpt_response":[{"code":250,"message":"ok"}],
  "body":{"blob_status":{"uri":"http://rcv:8002/transactions/x/body","finalized":false},
-         "message_builder":{"uri":"http://rcv:8002/transactions/x/message_builder"}}}"#)
+         "message_builder":{"uri":"http://rcv:8002/transactions/x/message_builder"}}}"#,
+    )
     .unwrap();
     let body = r.body.unwrap();
     assert!(!body.blob_status.unwrap().finalized);
@@ -264,15 +306,22 @@ fn client_reads_receiver_shapes() {
     ] {
         assert!(ReadTx::parse(bad.as_bytes()).is_err(), "{bad}");
     }
-    let holes = ReadTx::parse(br#"{"rcpt_to":[{},{}],"rcpt_response":[null,{"code":250}]}"#).unwrap();
-    assert_eq!(holes.rcpt_response, vec![None, Some(Response::new(250, "ok"))]);
+    let holes =
+        ReadTx::parse(br#"{"rcpt_to":[{},{}],"rcpt_response":[null,{"code":250}]}"#).unwrap();
+    assert_eq!(
+        holes.rcpt_response,
+        vec![None, Some(Response::new(250, "ok"))]
+    );
 }
 
 #[test]
 fn client_create_body() {
     let tx = Transaction {
         remote_host: Some(HostPort::new("127.0.0.1", 3025)),
-        mail_from: Some(Mailbox::new("alice@example.com").with_params(vec![EsmtpParam::new("SIZE", Some("100".into()))])),
+        mail_from: Some(
+            Mailbox::new("alice@example.com")
+                .with_params(vec![EsmtpParam::new("SIZE", Some("100".into()))]),
+        ),
         rcpt_to: vec![Mailbox::new("bob@example.com")],
         sender: Some(Sender::new("router", Some("outbound".into()))),
         ..Default::default()

@@ -1,0 +1,45 @@
+//! `koukan-router CONFIG.yaml`: the router service.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use koukan::config::RouterConfig;
+use koukan_actors::router::{Router, Settings};
+
+/// The Koukan router: REST transactions, durable storage, output chains.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Path of the router YAML configuration.
+    config: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    koukan_actors::logging::init();
+    let cfg = RouterConfig::load(&args.config)
+        .with_context(|| format!("loading {}", args.config.display()))?;
+    for w in cfg.warnings() {
+        tracing::warn!("config: {w}");
+    }
+    cfg.validate_files()
+        .with_context(|| format!("checking files named in {}", args.config.display()))?;
+    let settings = Settings::from_config(Arc::new(cfg))?;
+    actix_rt::System::new().block_on(async move {
+        let (router, server) = Router::start(settings).await?;
+        tracing::info!(addr = %router.addr, "router listening");
+        let mut server = std::pin::pin!(server);
+        tokio::select! {
+            res = &mut server => res.context("HTTP server")?,
+            _ = koukan_actors::signals::shutdown() => {
+                tracing::info!("shutting down");
+                router.shutdown().await;
+                server.await.context("HTTP server")?;
+            }
+        }
+        tracing::info!("stopped");
+        Ok(())
+    })
+}

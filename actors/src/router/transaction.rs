@@ -1,0 +1,319 @@
+//! One actor per live transaction: it owns the in-memory copy and version, serializes
+//! writes, and wakes long polls when the version moves.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use koukan::Transaction;
+use koukan::transaction::Update;
+use koukan_db::{BlobInfo, CancelOutcome, Storage, StorageError, TxRecord};
+use tokio::sync::watch;
+
+use super::error::RestError;
+use super::registry::Registry;
+use super::settings::Settings;
+
+/// Records not leased here may have been changed by another replica; re-read them when the
+/// copy is older than this.
+const UNLEASED_FRESHNESS: Duration = Duration::from_secs(1);
+
+pub struct TransactionActor {
+    storage: Storage,
+    settings: Arc<Settings>,
+    registry: Registry,
+    record: Arc<TxRecord>,
+    incremental: bool,
+    watch: watch::Sender<Arc<TxRecord>>,
+    loaded: Instant,
+    last_activity: Instant,
+}
+
+impl TransactionActor {
+    pub(super) fn new(
+        storage: Storage,
+        settings: Arc<Settings>,
+        registry: Registry,
+        record: TxRecord,
+    ) -> Self {
+        let incremental = record
+            .tx
+            .sender
+            .as_ref()
+            .and_then(|s| settings.senders.resolve(&s.name, s.tag.as_deref()).ok())
+            .is_some_and(|p| p.incremental);
+        let record = Arc::new(record);
+        let (watch, _) = watch::channel(record.clone());
+        TransactionActor {
+            storage,
+            settings,
+            registry,
+            record,
+            incremental,
+            watch,
+            loaded: Instant::now(),
+            last_activity: Instant::now(),
+        }
+    }
+
+    fn leased_here(&self) -> bool {
+        self.record
+            .lease
+            .is_some_and(|l| l.session == self.storage.session_id())
+    }
+
+    /// Installs a newer copy and wakes every long poll waiting on an older version.
+    fn publish(&mut self, record: TxRecord) {
+        self.loaded = Instant::now();
+        self.last_activity = Instant::now();
+        if record.version < self.record.version {
+            return;
+        }
+        self.record = Arc::new(record);
+        self.watch.send_replace(self.record.clone());
+    }
+
+    /// The replica to redirect to, when another live one holds the lease.
+    fn elsewhere(&self, record: &TxRecord) -> Option<String> {
+        match (&record.lease, &record.lease_uri) {
+            (Some(lease), Some(uri))
+                if lease.session != self.storage.session_id()
+                    && uri.trim_end_matches('/') != self.settings.session_uri =>
+            {
+                Some(uri.trim_end_matches('/').to_string())
+            }
+            _ => None,
+        }
+    }
+
+    fn reload(&self) -> impl Future<Output = Result<TxRecord, RestError>> + 'static {
+        let storage = self.storage.clone();
+        let rest_id = self.record.rest_id.clone();
+        async move {
+            storage
+                .load(&rest_id)
+                .await?
+                .ok_or(RestError::NotFound("unknown tx"))
+        }
+    }
+}
+
+impl Actor for TransactionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let idle = self.settings.actor_idle;
+        ctx.run_interval(idle / 2 + Duration::from_millis(1), move |act, ctx| {
+            // The state is durable: an idle actor is only a cache and may go.
+            if act.watch.receiver_count() == 0 && act.last_activity.elapsed() >= idle {
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopped(&mut self, ctx: &mut Self::Context) {
+        self.registry.remove(&self.record.rest_id, &ctx.address());
+    }
+}
+
+/// Result of [`Open`].
+pub enum Opened {
+    /// Follow the transaction: the receiver always holds the newest copy.
+    Ready(watch::Receiver<Arc<TxRecord>>),
+    /// Another live replica holds the lease: its base URI.
+    Elsewhere(String),
+}
+
+/// Start serving a request: refresh if needed, check the lease, subscribe.
+#[derive(Message)]
+#[rtype(result = "Result<Opened, RestError>")]
+pub struct Open;
+
+impl Handler<Open> for TransactionActor {
+    type Result = AtomicResponse<Self, Result<Opened, RestError>>;
+
+    fn handle(&mut self, _: Open, _: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        let fresh = self.leased_here() || self.loaded.elapsed() < UNLEASED_FRESHNESS;
+        if fresh {
+            let opened = match self.elsewhere(&self.record) {
+                Some(uri) => Opened::Elsewhere(uri),
+                None => Opened::Ready(self.watch.subscribe()),
+            };
+            return AtomicResponse::new(Box::pin(fut::ready(Ok(opened))));
+        }
+        AtomicResponse::new(Box::pin(self.reload().into_actor(self).map(
+            |res, act, _| {
+                let record = res?;
+                if let Some(uri) = act.elsewhere(&record) {
+                    return Ok(Opened::Elsewhere(uri));
+                }
+                act.publish(record);
+                Ok(Opened::Ready(act.watch.subscribe()))
+            },
+        )))
+    }
+}
+
+/// A PATCH: a heartbeat (`update: None`) or an incremental update.
+#[derive(Message)]
+#[rtype(result = "Result<Arc<TxRecord>, RestError>")]
+pub struct Patch {
+    pub if_match: String,
+    pub update: Option<Update>,
+}
+
+impl Handler<Patch> for TransactionActor {
+    type Result = AtomicResponse<Self, Result<Arc<TxRecord>, RestError>>;
+
+    fn handle(&mut self, msg: Patch, _: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        if msg.update.is_some() && !self.incremental {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(RestError::BadRequest(
+                "endpoint does not accept incremental updates".into(),
+            )))));
+        }
+        // Apply against the newest copy: a blob append may have moved the version.
+        let storage = self.storage.clone();
+        let current = self.record.clone();
+        let reload = self.reload();
+        let work = async move {
+            let record = if current.version.to_string() == msg.if_match {
+                (*current).clone()
+            } else {
+                reload.await?
+            };
+            if record.version.to_string() != msg.if_match {
+                return Err(RestError::PreconditionFailed);
+            }
+            let mut envelope: Transaction = record.tx.clone();
+            let changed = match &msg.update {
+                Some(update) => envelope
+                    .apply(update)
+                    .map_err(|e| RestError::BadRequest(e.to_string()))?,
+                None => false,
+            };
+            let version = if changed {
+                storage
+                    .write_envelope(record.id, record.version, &envelope)
+                    .await
+            } else {
+                storage.ping(record.id, record.version).await
+            }
+            .map_err(|e| match e {
+                StorageError::Conflict => RestError::PreconditionFailed,
+                e => e.into(),
+            })?;
+            let mut record = record;
+            record.version = version;
+            if changed {
+                let responses = std::mem::take(&mut record.tx);
+                record.tx = envelope;
+                record.tx.body = responses.body;
+                record.tx.mail_response = responses.mail_response;
+                record.tx.rcpt_response = responses.rcpt_response;
+                record.tx.data_response = responses.data_response;
+                record.tx.attempt_count = responses.attempt_count;
+                record.tx.final_attempt_reason = responses.final_attempt_reason;
+            }
+            Ok(record)
+        };
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(|res, act, _| {
+            act.publish(res?);
+            Ok(act.record.clone())
+        })))
+    }
+}
+
+/// A blob append landed in storage (sent by the upload handler after each batch).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Appended {
+    pub blob: BlobInfo,
+    /// The transaction's new version, if the append bumped it.
+    pub version: Option<i64>,
+    /// The append created the body blob: reload to pick it up.
+    pub created: bool,
+}
+
+impl Handler<Appended> for TransactionActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: Appended, _: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        let Some(version) = msg.version else {
+            return AtomicResponse::new(Box::pin(fut::ready(())));
+        };
+        if version <= self.record.version {
+            return AtomicResponse::new(Box::pin(fut::ready(())));
+        }
+        // Finalization may have completed the input: the durable row is the authority.
+        AtomicResponse::new(Box::pin(self.reload().into_actor(self).map(
+            |res, act, _| match res {
+                Ok(record) => act.publish(record),
+                Err(e) => tracing::warn!(rest_id = %act.record.rest_id, "reload after append: {e}"),
+            },
+        )))
+    }
+}
+
+/// Cancel requested by the client.
+#[derive(Message)]
+#[rtype(result = "Result<Arc<TxRecord>, RestError>")]
+pub struct Cancel;
+
+impl Handler<Cancel> for TransactionActor {
+    type Result = AtomicResponse<Self, Result<Arc<TxRecord>, RestError>>;
+
+    fn handle(&mut self, _: Cancel, _: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        let storage = self.storage.clone();
+        let rest_id = self.record.rest_id.clone();
+        let reload = self.reload();
+        let work = async move {
+            match storage.cancel(&rest_id).await? {
+                CancelOutcome::NotFound => Err(RestError::NotFound("unknown tx")),
+                CancelOutcome::Cancelled { .. } | CancelOutcome::AlreadyFinal { .. } => {
+                    reload.await
+                }
+            }
+        };
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(|res, act, _| {
+            act.publish(res?);
+            Ok(act.record.clone())
+        })))
+    }
+}
+
+/// Re-read the transaction from storage (a long poll timed out; another replica may have
+/// written it).
+#[derive(Message)]
+#[rtype(result = "Result<Arc<TxRecord>, RestError>")]
+pub struct Reload;
+
+impl Handler<Reload> for TransactionActor {
+    type Result = AtomicResponse<Self, Result<Arc<TxRecord>, RestError>>;
+
+    fn handle(&mut self, _: Reload, _: &mut Self::Context) -> Self::Result {
+        AtomicResponse::new(Box::pin(self.reload().into_actor(self).map(
+            |res, act, _| {
+                act.publish(res?);
+                Ok(act.record.clone())
+            },
+        )))
+    }
+}
+
+/// Makes the actor panic: used to exercise supervision.
+#[doc(hidden)]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+impl Handler<Crash> for TransactionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Crash, _: &mut Self::Context) {
+        panic!("transaction actor {} asked to crash", self.record.rest_id);
+    }
+}
