@@ -1,6 +1,9 @@
 //! Koukan's actor systems: the router service (REST transactions as long-running
-//! operations, storage, housekeeping) and, beside it, the SMTP gateway.
+//! operations, storage, housekeeping) and the SMTP gateway, plus the command-line tools.
 
+pub mod client;
+pub mod gateway;
 pub mod logging;
 pub mod router;
 pub mod signals;
+pub mod tools;

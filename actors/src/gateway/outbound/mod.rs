@@ -1,0 +1,1 @@
+//! REST listener ← router, and SMTP/LMTP delivery.

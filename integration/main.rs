@@ -1,0 +1,5 @@
+//! Tests that run the real binaries as separate processes and talk HTTP and SMTP to them.
+
+mod harness;
+mod router_cluster;
+mod router_process;
