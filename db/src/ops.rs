@@ -1,0 +1,1135 @@
+//! Every SQL operation, written once against [`Conn`] (the `run!` macro expands each body for
+//! both backends). Write operations run inside the writer's SQL transaction; they read the
+//! row, compute the new state in Rust and store it with a compare-and-swap on `version`.
+
+use bytes::{Bytes, BytesMut};
+use diesel::dsl::not;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::sql_types::BigInt;
+use diesel::{
+    AsChangeset, BoolExpressionMethods, ExpressionMethods, JoinOnDsl, NullableExpressionMethods,
+    OptionalExtension, QueryDsl, Queryable, QueryableByName, Selectable, SelectableHelper,
+};
+use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+use koukan::Response;
+use koukan::Transaction;
+use koukan::rest::{BODY_BLOB, BlobSource, BlobUri};
+use koukan::transaction::{BlobState, Body};
+
+use crate::StorageError;
+use crate::conn::{Conn, run};
+use crate::schema::{attempts, blob_chunks, blobs, sessions, transactions, tx_blobs};
+use crate::types::*;
+
+pub(crate) type Result<T> = std::result::Result<T, StorageError>;
+
+/// Largest stored chunk. Reads rely on it: a chunk overlapping `offset` starts after
+/// `offset - CHUNK_MAX`, so one indexed range scan finds every chunk of a read.
+pub(crate) const CHUNK_MAX: usize = 1 << 20;
+
+/// A transaction row; also the changeset written back by [`cas`].
+#[derive(Clone, Debug, Queryable, Selectable, AsChangeset)]
+#[diesel(table_name = transactions)]
+#[diesel(treat_none_as_null = true)]
+pub(crate) struct TxRow {
+    pub id: i64,
+    pub rest_id: String,
+    pub json: String,
+    pub input_done: bool,
+    pub final_attempt_reason: Option<String>,
+    pub creation_session_id: Option<i64>,
+    pub lease_session_id: Option<i64>,
+    pub lease_generation: i64,
+    pub creation: i64,
+    pub last_update: i64,
+    pub version: i64,
+    pub next_attempt_time: i64,
+    pub message_builder: Option<String>,
+    pub notification: bool,
+    pub no_final_notification: bool,
+}
+
+impl TxRow {
+    fn is_final(&self) -> bool {
+        self.final_attempt_reason.as_deref().is_some_and(|r| r != ONESHOT)
+    }
+    fn envelope(&self) -> Result<Transaction> {
+        let v: serde_json::Value = serde_json::from_str(&self.json)
+            .map_err(|e| StorageError::Corrupt(format!("tx {} json: {e}", self.id)))?;
+        Transaction::from_db_json(&v)
+            .map_err(|e| StorageError::Corrupt(format!("tx {} envelope: {e}", self.id)))
+    }
+    /// The next state: version bumped, written now.
+    fn next(&self, now: i64) -> TxRow {
+        let mut n = self.clone();
+        n.version += 1;
+        n.last_update = now;
+        n
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Key {
+    Id(DbId),
+    Rest(String),
+}
+
+fn corrupt(what: &str, v: i64) -> StorageError {
+    StorageError::Corrupt(format!("{what}: {v}"))
+}
+
+fn to_u64(what: &str, v: i64) -> Result<u64> {
+    u64::try_from(v).map_err(|_| corrupt(what, v))
+}
+
+fn to_i64(v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| StorageError::Invalid(format!("length {v} out of range")))
+}
+
+// ---- plumbing ------------------------------------------------------------------------------
+
+pub(crate) async fn exec(c: &mut Conn<'_>, sql: &str) -> Result<()> {
+    run!(c, |c| c.batch_execute(sql).await)?;
+    Ok(())
+}
+
+/// DB clock, Unix seconds (on Postgres: the start of the current SQL transaction).
+pub(crate) async fn db_now(c: &mut Conn<'_>) -> Result<i64> {
+    #[derive(QueryableByName)]
+    struct Now {
+        #[diesel(sql_type = BigInt)]
+        now: i64,
+    }
+    let r: Now = match c {
+        Conn::Sqlite(c) => {
+            diesel::sql_query("SELECT CAST(unixepoch() AS BIGINT) AS now")
+                .get_result(&mut **c)
+                .await?
+        }
+        Conn::Pg(c) => {
+            diesel::sql_query(
+                "SELECT CAST(FLOOR(EXTRACT(EPOCH FROM CURRENT_TIMESTAMP)) AS BIGINT) AS now",
+            )
+            .get_result(&mut **c)
+            .await?
+        }
+    };
+    Ok(r.now)
+}
+
+async fn read_row(c: &mut Conn<'_>, id: DbId) -> Result<Option<TxRow>> {
+    Ok(run!(c, |c| transactions::table
+        .find(id)
+        .select(TxRow::as_select())
+        .first(c)
+        .await
+        .optional())?)
+}
+
+async fn read_row_rest(c: &mut Conn<'_>, rest_id: &str) -> Result<Option<TxRow>> {
+    Ok(run!(c, |c| transactions::table
+        .filter(transactions::rest_id.eq(rest_id))
+        .select(TxRow::as_select())
+        .first(c)
+        .await
+        .optional())?)
+}
+
+/// The row at `version`, or `NotFound` / `Conflict`.
+async fn row_at(c: &mut Conn<'_>, id: DbId, version: i64) -> Result<TxRow> {
+    let row = read_row(c, id).await?.ok_or(StorageError::NotFound)?;
+    if row.version != version {
+        return Err(StorageError::Conflict);
+    }
+    Ok(row)
+}
+
+/// Stores `new` iff the row is still at `old.version`. Every lease change bumps the
+/// version, so this also guards the lease the caller checked on `old`.
+async fn cas(c: &mut Conn<'_>, old: &TxRow, new: &TxRow) -> Result<()> {
+    let n = run!(c, |c| diesel::update(
+        transactions::table
+            .filter(transactions::id.eq(old.id))
+            .filter(transactions::version.eq(old.version))
+    )
+    .set(new)
+    .execute(c)
+    .await)?;
+    if n == 1 { Ok(()) } else { Err(StorageError::Conflict) }
+}
+
+fn check_fence(row: &TxRow, lease: Lease) -> Result<()> {
+    if row.lease_session_id == Some(lease.session) && row.lease_generation == lease.generation {
+        Ok(())
+    } else {
+        Err(StorageError::Conflict)
+    }
+}
+
+/// Leases may only be taken by a live session: a lease naming a dead one would never be
+/// recovered.
+async fn require_live(c: &mut Conn<'_>, me: SessionId) -> Result<()> {
+    let live: Option<bool> = run!(c, |c| sessions::table
+        .find(me)
+        .select(sessions::live)
+        .first(c)
+        .await
+        .optional())?;
+    if live == Some(true) {
+        Ok(())
+    } else {
+        Err(StorageError::Invalid("this storage session is no longer live".into()))
+    }
+}
+
+// ---- load ----------------------------------------------------------------------------------
+
+type BlobRow = (String, i64, i64, Option<i64>);
+
+async fn load_parts(
+    c: &mut Conn<'_>,
+    key: &Key,
+) -> Result<Option<(TxRow, Option<String>, Vec<BlobRow>, Option<(i64, Option<String>)>)>> {
+    let found: Option<(TxRow, Option<String>)> = run!(c, |c| {
+        let q = transactions::table
+            .left_join(
+                sessions::table.on(sessions::id
+                    .nullable()
+                    .eq(transactions::lease_session_id)
+                    .and(sessions::live)),
+            )
+            .select((TxRow::as_select(), sessions::uri.nullable()));
+        match key {
+            Key::Id(id) => q.filter(transactions::id.eq(*id)).first(c).await,
+            Key::Rest(r) => q.filter(transactions::rest_id.eq(r)).first(c).await,
+        }
+        .optional()
+    })?;
+    let Some((row, uri)) = found else {
+        return Ok(None);
+    };
+    let blob_rows: Vec<BlobRow> = run!(c, |c| tx_blobs::table
+        .inner_join(blobs::table)
+        .filter(tx_blobs::transaction_id.eq(row.id))
+        .order(blobs::id.asc())
+        .select((tx_blobs::name, blobs::id, blobs::length, blobs::total))
+        .load(c)
+        .await)?;
+    let attempt = newest_attempt(c, row.id).await?;
+    Ok(Some((row, uri, blob_rows, attempt)))
+}
+
+async fn newest_attempt(c: &mut Conn<'_>, id: DbId) -> Result<Option<(i64, Option<String>)>> {
+    Ok(run!(c, |c| attempts::table
+        .filter(attempts::transaction_id.eq(id))
+        .order(attempts::attempt_id.desc())
+        .select((attempts::attempt_id, attempts::responses))
+        .first(c)
+        .await
+        .optional())?)
+}
+
+fn build_record(
+    row: TxRow,
+    lease_uri: Option<String>,
+    blob_rows: Vec<BlobRow>,
+    attempt: Option<(i64, Option<String>)>,
+) -> Result<TxRecord> {
+    let mut tx = row.envelope()?;
+    let mut blobs = Vec::with_capacity(blob_rows.len());
+    for (name, blob_id, length, total) in blob_rows {
+        blobs.push(BlobInfo {
+            name,
+            blob_id,
+            length: to_u64("blob length", length)?,
+            total: total.map(|t| to_u64("blob total", t)).transpose()?,
+        });
+    }
+    let state = |b: &BlobInfo| BlobState {
+        length: b.length,
+        total: b.total,
+    };
+    tx.body = if let Some(b) = blobs.iter().find(|b| b.name == BODY_BLOB) {
+        Some(Body::Message(state(b)))
+    } else if let Some(spec) = &row.message_builder {
+        let spec = serde_json::from_str(spec)
+            .map_err(|e| StorageError::Corrupt(format!("tx {} message_builder: {e}", row.id)))?;
+        Some(Body::MessageBuilder {
+            spec,
+            blobs: blobs.iter().map(|b| (b.name.clone(), state(b))).collect(),
+        })
+    } else if !blobs.is_empty() {
+        return Err(StorageError::Corrupt(format!(
+            "tx {} has blobs but no body",
+            row.id
+        )));
+    } else {
+        None
+    };
+    let attempt_id = attempt.as_ref().map(|(a, _)| *a);
+    if let Some((a, responses)) = attempt {
+        tx.attempt_count = Some(u32::try_from(a).map_err(|_| corrupt("attempt id", a))?);
+        if let Some(r) = responses {
+            let v: serde_json::Value = serde_json::from_str(&r)
+                .map_err(|e| StorageError::Corrupt(format!("tx {} responses: {e}", row.id)))?;
+            tx.set_responses_json(&v)
+                .map_err(|e| StorageError::Corrupt(format!("tx {} responses: {e}", row.id)))?;
+        }
+    }
+    let is_final = row.is_final();
+    tx.final_attempt_reason = row.final_attempt_reason.clone().filter(|r| r != ONESHOT);
+    Ok(TxRecord {
+        id: row.id,
+        rest_id: row.rest_id,
+        version: row.version,
+        tx,
+        final_attempt_reason: row.final_attempt_reason,
+        creation: row.creation,
+        last_update: row.last_update,
+        input_done: row.input_done,
+        next_attempt_time: (row.next_attempt_time != 0).then_some(row.next_attempt_time),
+        creation_session: row.creation_session_id,
+        lease: row.lease_session_id.map(|session| Lease {
+            session,
+            generation: row.lease_generation,
+        }),
+        lease_uri,
+        attempt_id,
+        blobs,
+        notification_pending: is_final && row.notification && row.no_final_notification,
+    })
+}
+
+/// Loads without a surrounding transaction (the writer already has one).
+pub(crate) async fn load_in_tx(c: &mut Conn<'_>, key: &Key) -> Result<Option<TxRecord>> {
+    match load_parts(c, key).await? {
+        Some((row, uri, b, a)) => build_record(row, uri, b, a).map(Some),
+        None => Ok(None),
+    }
+}
+
+async fn must_load(c: &mut Conn<'_>, id: DbId) -> Result<TxRecord> {
+    load_in_tx(c, &Key::Id(id))
+        .await?
+        .ok_or_else(|| StorageError::Database(format!("tx {id} vanished")))
+}
+
+/// Loads from a read connection inside one read-only snapshot, so the row, its blobs and
+/// its attempt are consistent with each other.
+pub(crate) async fn load(c: &mut Conn<'_>, key: Key) -> Result<Option<TxRecord>> {
+    match c {
+        Conn::Sqlite(c) => {
+            c.transaction(async |c| load_in_tx(&mut Conn::Sqlite(c), &key).await)
+                .await
+        }
+        Conn::Pg(c) => {
+            c.build_transaction()
+                .repeatable_read()
+                .read_only()
+                .run(async |c| load_in_tx(&mut Conn::Pg(c), &key).await)
+                .await
+        }
+    }
+}
+
+/// `(version, lease_uri)` of a transaction.
+pub(crate) async fn version_probe(
+    c: &mut Conn<'_>,
+    rest_id: &str,
+) -> Result<Option<(i64, Option<String>)>> {
+    Ok(run!(c, |c| transactions::table
+        .left_join(
+            sessions::table.on(sessions::id
+                .nullable()
+                .eq(transactions::lease_session_id)
+                .and(sessions::live)),
+        )
+        .filter(transactions::rest_id.eq(rest_id))
+        .select((transactions::version, sessions::uri.nullable()))
+        .first(c)
+        .await
+        .optional())?)
+}
+
+pub(crate) async fn read_blob(c: &mut Conn<'_>, blob_id: i64, offset: u64, max: usize) -> Result<Bytes> {
+    let start = to_i64(offset)?;
+    let end = start.saturating_add(i64::try_from(max).unwrap_or(i64::MAX));
+    let lo = start.saturating_sub(CHUNK_MAX as i64);
+    let chunks: Vec<(i64, Vec<u8>)> = if max == 0 {
+        Vec::new()
+    } else {
+        run!(c, |c| blob_chunks::table
+            .filter(blob_chunks::blob_id.eq(blob_id))
+            .filter(blob_chunks::chunk_offset.gt(lo))
+            .filter(blob_chunks::chunk_offset.lt(end))
+            .order(blob_chunks::chunk_offset.asc())
+            .select((blob_chunks::chunk_offset, blob_chunks::data))
+            .load(c)
+            .await)?
+    };
+    if chunks.is_empty() {
+        let exists: Option<i64> = run!(c, |c| blobs::table
+            .find(blob_id)
+            .select(blobs::id)
+            .first(c)
+            .await
+            .optional())?;
+        return match exists {
+            Some(_) => Ok(Bytes::new()),
+            None => Err(StorageError::NotFound),
+        };
+    }
+    let mut out = BytesMut::with_capacity(max.min(CHUNK_MAX * 4));
+    let mut pos = start;
+    for (off, data) in chunks {
+        let chunk_end = off + data.len() as i64;
+        if chunk_end <= pos {
+            continue;
+        }
+        if off > pos {
+            return Err(StorageError::Corrupt(format!(
+                "blob {blob_id}: gap at {pos}"
+            )));
+        }
+        let from = (pos - off) as usize;
+        let to = (end.min(chunk_end) - off) as usize;
+        out.extend_from_slice(&data[from..to]);
+        pos = off + to as i64;
+        if pos >= end {
+            break;
+        }
+    }
+    Ok(out.freeze())
+}
+
+// ---- sessions -----------------------------------------------------------------------------
+
+pub(crate) async fn open_session(c: &mut Conn<'_>, now: i64, uri: &str) -> Result<SessionId> {
+    Ok(run!(c, |c| diesel::insert_into(sessions::table)
+        .values((
+            sessions::creation.eq(now),
+            sessions::live.eq(true),
+            sessions::last_update.eq(now),
+            sessions::uri.eq(uri),
+        ))
+        .returning(sessions::id)
+        .get_result(c)
+        .await)?)
+}
+
+pub(crate) async fn refresh_session(c: &mut Conn<'_>, now: i64, me: SessionId) -> Result<bool> {
+    let n = run!(c, |c| diesel::update(
+        sessions::table
+            .filter(sessions::id.eq(me))
+            .filter(sessions::live)
+    )
+    .set(sessions::last_update.eq(now))
+    .execute(c)
+    .await)?;
+    Ok(n == 1)
+}
+
+/// Releases every lease held by a session that is not live, fencing each transaction
+/// (version and generation bumped). A transaction without retry whose attempt was
+/// interrupted (`oneshot`) is finalized as `attempt interrupted`, with its missing
+/// responses filled in and its DSN question left open.
+async fn release_dead_leases(c: &mut Conn<'_>, now: i64, rec: &mut Recovery) -> Result<()> {
+    let rows: Vec<TxRow> = run!(c, |c| transactions::table
+        .filter(transactions::lease_session_id.is_not_null())
+        .filter(
+            transactions::lease_session_id.eq_any(
+                sessions::table
+                    .filter(not(sessions::live))
+                    .select(sessions::id.nullable()),
+            ),
+        )
+        .select(TxRow::as_select())
+        .load(c)
+        .await)?;
+    for row in rows {
+        let mut n = row.next(now);
+        n.lease_session_id = None;
+        n.lease_generation += 1;
+        if row.final_attempt_reason.as_deref() == Some(ONESHOT) {
+            n.final_attempt_reason = Some(REASON_INTERRUPTED.to_string());
+            n.no_final_notification = true;
+            fill_interrupted_responses(c, now, &row).await?;
+            rec.interrupted.push(row.id);
+        } else {
+            rec.released.push(row.id);
+        }
+        cas(c, &row, &n).await?;
+    }
+    Ok(())
+}
+
+async fn fill_interrupted_responses(c: &mut Conn<'_>, now: i64, row: &TxRow) -> Result<()> {
+    let Some((attempt_id, responses)) = newest_attempt(c, row.id).await? else {
+        return Ok(());
+    };
+    let env = row.envelope()?;
+    let mut r = Transaction::default();
+    if let Some(s) = responses {
+        // Unreadable responses are replaced rather than blocking recovery.
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&s) {
+            let _ = r.set_responses_json(&v);
+        }
+    }
+    let temp = || Some(Response::new(450, "4.3.0 attempt interrupted"));
+    if r.mail_response.is_none() {
+        r.mail_response = temp();
+    }
+    if r.rcpt_response.len() < env.rcpt_to.len() {
+        r.rcpt_response.resize(env.rcpt_to.len(), None);
+    }
+    for rr in r.rcpt_response.iter_mut().filter(|x| x.is_none()) {
+        *rr = temp();
+    }
+    if r.data_response.is_none() {
+        r.data_response = temp();
+    }
+    write_responses(c, now, row.id, attempt_id, &r).await
+}
+
+pub(crate) async fn recover(
+    c: &mut Conn<'_>,
+    now: i64,
+    me: SessionId,
+    ttl: i64,
+) -> Result<Recovery> {
+    let cutoff = now - ttl;
+    let dead: Vec<i64> = run!(c, |c| sessions::table
+        .filter(sessions::live)
+        .filter(sessions::id.ne(me))
+        .filter(sessions::last_update.le(cutoff))
+        .select(sessions::id)
+        .load(c)
+        .await)?;
+    if !dead.is_empty() {
+        run!(c, |c| diesel::update(sessions::table.filter(sessions::id.eq_any(&dead)))
+            .set((sessions::live.eq(false), sessions::last_update.eq(now)))
+            .execute(c)
+            .await)?;
+    }
+    let mut rec = Recovery {
+        dead_sessions: dead,
+        ..Default::default()
+    };
+    release_dead_leases(c, now, &mut rec).await?;
+    // Dead sessions no transaction mentions any more are only history.
+    let old: Vec<i64> = run!(c, |c| sessions::table
+        .filter(not(sessions::live))
+        .filter(sessions::id.ne(me))
+        .filter(sessions::last_update.le(cutoff))
+        .select(sessions::id)
+        .load(c)
+        .await)?;
+    for s in old {
+        let used: Option<i64> = run!(c, |c| transactions::table
+            .filter(
+                transactions::creation_session_id
+                    .eq(s)
+                    .or(transactions::lease_session_id.eq(s)),
+            )
+            .select(transactions::id)
+            .first(c)
+            .await
+            .optional())?;
+        if used.is_none() {
+            run!(c, |c| diesel::delete(sessions::table.find(s)).execute(c).await)?;
+        }
+    }
+    Ok(rec)
+}
+
+pub(crate) async fn end_session(c: &mut Conn<'_>, now: i64, me: SessionId) -> Result<()> {
+    run!(c, |c| diesel::update(sessions::table.find(me))
+        .set((sessions::live.eq(false), sessions::last_update.eq(now)))
+        .execute(c)
+        .await)?;
+    release_dead_leases(c, now, &mut Recovery::default()).await
+}
+
+// ---- blobs ----------------------------------------------------------------------------------
+
+async fn insert_chunks(c: &mut Conn<'_>, blob_id: i64, start: u64, data: &[u8]) -> Result<()> {
+    let mut off = start;
+    for piece in data.chunks(CHUNK_MAX) {
+        let o = to_i64(off)?;
+        run!(c, |c| diesel::insert_into(blob_chunks::table)
+            .values((
+                blob_chunks::blob_id.eq(blob_id),
+                blob_chunks::chunk_offset.eq(o),
+                blob_chunks::data.eq(piece),
+            ))
+            .execute(c)
+            .await)?;
+        off += piece.len() as u64;
+    }
+    Ok(())
+}
+
+/// A new blob: empty and open (`None`), or holding `data`, finalized.
+async fn insert_blob(c: &mut Conn<'_>, now: i64, data: Option<&[u8]>) -> Result<i64> {
+    let len = to_i64(data.map_or(0, |d| d.len() as u64))?;
+    let total = data.map(|_| len);
+    let id: i64 = run!(c, |c| diesel::insert_into(blobs::table)
+        .values((
+            blobs::length.eq(len),
+            blobs::total.eq(total),
+            blobs::creation.eq(now),
+            blobs::last_update.eq(now),
+        ))
+        .returning(blobs::id)
+        .get_result(c)
+        .await)?;
+    if let Some(d) = data {
+        insert_chunks(c, id, 0, d).await?;
+    }
+    Ok(id)
+}
+
+/// The id of a finalized blob named by `uri`, for sharing.
+async fn reusable_blob(c: &mut Conn<'_>, uri: &BlobUri) -> Result<i64> {
+    let found: Option<(i64, i64, Option<i64>)> = run!(c, |c| tx_blobs::table
+        .inner_join(transactions::table)
+        .inner_join(blobs::table)
+        .filter(transactions::rest_id.eq(&uri.tx))
+        .filter(tx_blobs::name.eq(&uri.blob))
+        .select((blobs::id, blobs::length, blobs::total))
+        .first(c)
+        .await
+        .optional())?;
+    match found {
+        None => Err(StorageError::BadReuse(format!("no blob {}", uri.path()))),
+        Some((id, len, total)) if total == Some(len) => Ok(id),
+        Some(_) => Err(StorageError::BadReuse(format!(
+            "blob {} is not finalized",
+            uri.path()
+        ))),
+    }
+}
+
+async fn add_ref(c: &mut Conn<'_>, tx_id: DbId, name: &str, blob_id: i64) -> Result<()> {
+    run!(c, |c| diesel::insert_into(tx_blobs::table)
+        .values((
+            tx_blobs::transaction_id.eq(tx_id),
+            tx_blobs::name.eq(name),
+            tx_blobs::blob_id.eq(blob_id),
+        ))
+        .execute(c)
+        .await)
+    .map_err(|e| match e {
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
+            StorageError::Invalid(format!("duplicate blob name {name:?}"))
+        }
+        e => e.into(),
+    })?;
+    Ok(())
+}
+
+// ---- transactions ---------------------------------------------------------------------------
+
+/// Inserts a transaction with its blobs and refs; returns its id.
+pub(crate) async fn create(
+    c: &mut Conn<'_>,
+    now: i64,
+    me: SessionId,
+    new: &NewTransaction,
+    leased: bool,
+) -> Result<DbId> {
+    if leased {
+        require_live(c, me).await?;
+    }
+    // Blobs first: reuse is validated and input_done known before the row exists.
+    let mut refs: Vec<(&str, i64)> = Vec::new();
+    let mut done = true;
+    let mut message_builder = None;
+    match &new.body {
+        NewBody::None => done = false,
+        NewBody::Upload => {
+            refs.push((BODY_BLOB, insert_blob(c, now, None).await?));
+            done = false;
+        }
+        NewBody::Inline(data) => refs.push((BODY_BLOB, insert_blob(c, now, Some(data)).await?)),
+        NewBody::Reuse(uri) => refs.push((BODY_BLOB, reusable_blob(c, uri).await?)),
+        NewBody::MessageBuilder { spec, blobs } => {
+            message_builder = Some(spec.to_string());
+            for (name, source) in blobs {
+                let id = match source {
+                    BlobSource::Create => {
+                        done = false;
+                        insert_blob(c, now, None).await?
+                    }
+                    BlobSource::Inline(text) => insert_blob(c, now, Some(text.as_bytes())).await?,
+                    BlobSource::Reuse(uri) => reusable_blob(c, uri).await?,
+                };
+                refs.push((name.as_str(), id));
+            }
+        }
+    }
+    let json = new.tx.to_db_json().to_string();
+    let id: DbId = run!(c, |c| diesel::insert_into(transactions::table)
+        .values((
+            transactions::rest_id.eq(&new.rest_id),
+            transactions::json.eq(&json),
+            transactions::input_done.eq(done),
+            transactions::creation_session_id.eq(Some(me)),
+            transactions::lease_session_id.eq(leased.then_some(me)),
+            transactions::lease_generation.eq(i64::from(leased)),
+            transactions::creation.eq(now),
+            transactions::last_update.eq(now),
+            transactions::version.eq(1i64),
+            transactions::next_attempt_time.eq(0i64),
+            transactions::message_builder.eq(&message_builder),
+            transactions::notification.eq(new.tx.notification),
+            transactions::no_final_notification.eq(false),
+        ))
+        .returning(transactions::id)
+        .get_result(c)
+        .await)
+    .map_err(|e| match e {
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => StorageError::Duplicate,
+        e => e.into(),
+    })?;
+    for (name, blob) in refs {
+        add_ref(c, id, name, blob).await?;
+    }
+    Ok(id)
+}
+
+pub(crate) async fn create_record(
+    c: &mut Conn<'_>,
+    now: i64,
+    me: SessionId,
+    new: &NewTransaction,
+) -> Result<TxRecord> {
+    let id = create(c, now, me, new, new.leased).await?;
+    must_load(c, id).await
+}
+
+pub(crate) async fn write_envelope(
+    c: &mut Conn<'_>,
+    now: i64,
+    id: DbId,
+    version: i64,
+    env: &Transaction,
+) -> Result<i64> {
+    let row = row_at(c, id, version).await?;
+    let mut n = row.next(now);
+    n.json = env.to_db_json().to_string();
+    n.notification = env.notification;
+    // Retry or notification enabled later (store-and-forward): retryable again.
+    if (env.retry || env.notification) && row.final_attempt_reason.as_deref() == Some(ONESHOT) {
+        n.final_attempt_reason = None;
+    }
+    cas(c, &row, &n).await?;
+    Ok(n.version)
+}
+
+pub(crate) async fn ping(c: &mut Conn<'_>, now: i64, id: DbId, version: i64) -> Result<i64> {
+    let row = row_at(c, id, version).await?;
+    let n = row.next(now);
+    cas(c, &row, &n).await?;
+    Ok(n.version)
+}
+
+/// A client cancel (`reason: None`) or a failure outside any attempt (`Some(reason)`).
+pub(crate) async fn cancel(
+    c: &mut Conn<'_>,
+    now: i64,
+    me: SessionId,
+    rest_id: &str,
+    reason: Option<&str>,
+) -> Result<CancelOutcome> {
+    // Another process may write between our read and the CAS (Postgres): re-read and retry.
+    for _ in 0..5 {
+        let Some(row) = read_row_rest(c, rest_id).await? else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        if row.is_final() {
+            return Ok(CancelOutcome::AlreadyFinal {
+                version: row.version,
+            });
+        }
+        let mut n = row.next(now);
+        match reason {
+            None => {
+                let mut env = row.envelope()?;
+                env.cancelled = true;
+                n.json = env.to_db_json().to_string();
+                n.final_attempt_reason = Some(REASON_CANCELLED.to_string());
+                // The client asked for it: no DSN.
+                n.no_final_notification = false;
+            }
+            Some(r) => {
+                n.final_attempt_reason = Some(r.to_string());
+                // Failed for good: the DSN question is open (sent if notification is on).
+                n.no_final_notification = true;
+                if row.lease_session_id == Some(me) {
+                    n.lease_session_id = None;
+                    n.lease_generation += 1;
+                }
+            }
+        }
+        match cas(c, &row, &n).await {
+            Ok(()) => return Ok(CancelOutcome::Cancelled { version: n.version }),
+            Err(StorageError::Conflict) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StorageError::Conflict)
+}
+
+// ---- append ---------------------------------------------------------------------------------
+
+pub(crate) async fn append(
+    c: &mut Conn<'_>,
+    now: i64,
+    me: SessionId,
+    refresh_secs: i64,
+    a: &Append,
+) -> Result<AppendOutcome> {
+    let found: Option<(TxRow, Option<String>)> = run!(c, |c| transactions::table
+        .left_join(
+            sessions::table.on(sessions::id
+                .nullable()
+                .eq(transactions::lease_session_id)
+                .and(sessions::live)),
+        )
+        .filter(transactions::rest_id.eq(&a.rest_id))
+        .select((TxRow::as_select(), sessions::uri.nullable()))
+        .first(c)
+        .await
+        .optional())?;
+    let Some((row, holder_uri)) = found else {
+        return Ok(AppendOutcome::UnknownTx);
+    };
+    if let (Some(holder), Some(uri)) = (row.lease_session_id, holder_uri)
+        && holder != me
+    {
+        return Ok(AppendOutcome::LeasedElsewhere { uri });
+    }
+    let blob: Option<(i64, i64, Option<i64>)> = run!(c, |c| tx_blobs::table
+        .inner_join(blobs::table)
+        .filter(tx_blobs::transaction_id.eq(row.id))
+        .filter(tx_blobs::name.eq(&a.blob))
+        .select((blobs::id, blobs::length, blobs::total))
+        .first(c)
+        .await
+        .optional())?;
+    let mut created = false;
+    let (blob_id, held, stored_total) = match blob {
+        Some((id, len, total)) => (
+            id,
+            to_u64("blob length", len)?,
+            total.map(|t| to_u64("blob total", t)).transpose()?,
+        ),
+        None if a.create_body
+            && a.blob == BODY_BLOB
+            && a.offset == 0
+            && row.message_builder.is_none() =>
+        {
+            let id = insert_blob(c, now, None).await?;
+            add_ref(c, row.id, BODY_BLOB, id).await?;
+            created = true;
+            (id, 0, None)
+        }
+        None => return Ok(AppendOutcome::UnknownBlob),
+    };
+    let info = |length: u64, total: Option<u64>| BlobInfo {
+        name: a.blob.clone(),
+        blob_id,
+        length,
+        total,
+    };
+    let mismatch = AppendOutcome::Mismatch {
+        blob: info(held, stored_total),
+    };
+    let end = a.offset + a.data.len() as u64;
+    if let Some(t) = a.total
+        && (t < end || t < held || stored_total.is_some_and(|s| s != t))
+    {
+        return Ok(mismatch);
+    }
+    if a.offset > held {
+        return Ok(mismatch);
+    }
+    // The overlap with what is held is assumed identical (a resent chunk).
+    let skip = (held - a.offset) as usize;
+    let rest: &[u8] = a.data.get(skip..).unwrap_or(&[]);
+    let new_len = held + rest.len() as u64;
+    let new_total = stored_total.or(a.total);
+    if new_total.is_some_and(|t| new_len > t) {
+        return Ok(mismatch);
+    }
+    let changed = !rest.is_empty() || new_total != stored_total;
+    if changed {
+        insert_chunks(c, blob_id, held, rest).await?;
+        let (h, l, t) = (to_i64(held)?, to_i64(new_len)?, new_total.map(to_i64).transpose()?);
+        let n = run!(c, |c| diesel::update(
+            blobs::table
+                .filter(blobs::id.eq(blob_id))
+                .filter(blobs::length.eq(h))
+        )
+        .set((
+            blobs::length.eq(l),
+            blobs::total.eq(t),
+            blobs::last_update.eq(now)
+        ))
+        .execute(c)
+        .await)?;
+        if n != 1 {
+            return Err(StorageError::Conflict);
+        }
+    }
+    let was_final = stored_total == Some(held);
+    let finalized_now = !was_final && new_total == Some(new_len);
+    let keep_alive = changed && now - row.last_update >= refresh_secs;
+    let mut version = None;
+    if created || finalized_now || keep_alive {
+        let mut n = row.next(now);
+        if finalized_now {
+            let open: i64 = run!(c, |c| tx_blobs::table
+                .inner_join(blobs::table)
+                .filter(tx_blobs::transaction_id.eq(row.id))
+                .filter(
+                    blobs::total
+                        .is_null()
+                        .or(blobs::total.ne(blobs::length.nullable())),
+                )
+                .count()
+                .get_result(c)
+                .await)?;
+            n.input_done = n.input_done || open == 0;
+        }
+        cas(c, &row, &n).await?;
+        version = Some(n.version);
+    }
+    Ok(AppendOutcome::Ok {
+        blob: info(new_len, new_total),
+        version,
+    })
+}
+
+// ---- attempts -------------------------------------------------------------------------------
+
+async fn insert_attempt(c: &mut Conn<'_>, now: i64, id: DbId) -> Result<i64> {
+    let next = newest_attempt(c, id).await?.map_or(1, |(a, _)| a + 1);
+    run!(c, |c| diesel::insert_into(attempts::table)
+        .values((
+            attempts::transaction_id.eq(id),
+            attempts::attempt_id.eq(next),
+            attempts::responses.eq(None::<String>),
+            attempts::creation.eq(now),
+            attempts::last_update.eq(now),
+        ))
+        .execute(c)
+        .await)?;
+    Ok(next)
+}
+
+async fn write_responses(
+    c: &mut Conn<'_>,
+    now: i64,
+    id: DbId,
+    attempt_id: i64,
+    responses: &Transaction,
+) -> Result<()> {
+    let json = responses.responses_json().to_string();
+    run!(c, |c| diesel::update(
+        attempts::table
+            .filter(attempts::transaction_id.eq(id))
+            .filter(attempts::attempt_id.eq(attempt_id))
+    )
+    .set((
+        attempts::responses.eq(Some(json)),
+        attempts::last_update.eq(now)
+    ))
+    .execute(c)
+    .await)?;
+    Ok(())
+}
+
+fn has_responses(t: &Transaction) -> bool {
+    t.mail_response.is_some() || t.rcpt_response.iter().any(Option::is_some) || t.data_response.is_some()
+}
+
+/// Takes the lease (if `take`) and starts an attempt on `row`.
+async fn begin_attempt(c: &mut Conn<'_>, now: i64, me: SessionId, row: &TxRow) -> Result<TxRecord> {
+    let env = row.envelope()?;
+    let mut n = row.next(now);
+    n.lease_session_id = Some(me);
+    n.lease_generation += 1;
+    let notification_pass = row.is_final();
+    if !notification_pass && !env.retry {
+        // A transaction without retry gets exactly one attempt.
+        n.final_attempt_reason = Some(ONESHOT.to_string());
+    }
+    cas(c, row, &n).await?;
+    if !notification_pass {
+        insert_attempt(c, now, row.id).await?;
+    }
+    must_load(c, row.id).await
+}
+
+pub(crate) async fn start_attempt(
+    c: &mut Conn<'_>,
+    now: i64,
+    me: SessionId,
+    id: DbId,
+    version: i64,
+) -> Result<TxRecord> {
+    let row = row_at(c, id, version).await?;
+    if row.lease_session_id != Some(me) {
+        return Err(StorageError::Conflict);
+    }
+    if row.is_final() {
+        return Err(StorageError::Invalid(format!("tx {id} is final")));
+    }
+    require_live(c, me).await?;
+    begin_attempt(c, now, me, &row).await
+}
+
+pub(crate) async fn dequeue(c: &mut Conn<'_>, now: i64, me: SessionId) -> Result<Option<TxRecord>> {
+    macro_rules! due {
+        () => {
+            transactions::table
+                .filter(transactions::lease_session_id.is_null())
+                .filter(transactions::final_attempt_reason.is_null())
+                .filter(transactions::next_attempt_time.le(now))
+                .filter(
+                    transactions::input_done
+                        .or(transactions::creation_session_id.eq(me)),
+                )
+                .order((transactions::next_attempt_time.asc(), transactions::id.asc()))
+                .select(TxRow::as_select())
+        };
+    }
+    macro_rules! notify {
+        () => {
+            transactions::table
+                .filter(transactions::notification)
+                .filter(transactions::no_final_notification)
+                .filter(transactions::lease_session_id.is_null())
+                .order(transactions::id.asc())
+                .select(TxRow::as_select())
+        };
+    }
+    // Postgres: skip rows another replica is dequeuing right now instead of colliding.
+    // SQLite: the writer's BEGIN IMMEDIATE already serializes all writers.
+    let mut row: Option<TxRow> = match c {
+        Conn::Sqlite(c) => due!().first(&mut **c).await.optional()?,
+        Conn::Pg(c) => due!()
+            .for_update()
+            .skip_locked()
+            .first(&mut **c)
+            .await
+            .optional()?,
+    };
+    if row.is_none() {
+        row = match c {
+            Conn::Sqlite(c) => notify!().first(&mut **c).await.optional()?,
+            Conn::Pg(c) => notify!()
+                .for_update()
+                .skip_locked()
+                .first(&mut **c)
+                .await
+                .optional()?,
+        }
+        .filter(|r: &TxRow| r.is_final());
+    }
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    require_live(c, me).await?;
+    begin_attempt(c, now, me, &row).await.map(Some)
+}
+
+pub(crate) async fn write_attempt(
+    c: &mut Conn<'_>,
+    now: i64,
+    id: DbId,
+    version: i64,
+    lease: Lease,
+    responses: &Transaction,
+) -> Result<i64> {
+    let row = row_at(c, id, version).await?;
+    check_fence(&row, lease)?;
+    let n = row.next(now);
+    cas(c, &row, &n).await?;
+    if has_responses(responses) {
+        let (attempt_id, _) = newest_attempt(c, id)
+            .await?
+            .ok_or_else(|| StorageError::Invalid(format!("tx {id} has no attempt")))?;
+        write_responses(c, now, id, attempt_id, responses).await?;
+    }
+    Ok(n.version)
+}
+
+pub(crate) async fn finish_attempt(
+    c: &mut Conn<'_>,
+    now: i64,
+    me: SessionId,
+    id: DbId,
+    version: i64,
+    lease: Lease,
+    f: &Finish,
+) -> Result<i64> {
+    let row = row_at(c, id, version).await?;
+    check_fence(&row, lease)?;
+    let mut n = row.next(now);
+    n.lease_session_id = None;
+    match &f.final_attempt_reason {
+        // First real reason wins (a cancel may have landed during the attempt).
+        Some(reason) if !row.is_final() => {
+            n.final_attempt_reason = Some(reason.clone());
+            n.no_final_notification = !f.notification_done;
+        }
+        _ => {
+            if f.notification_done {
+                n.no_final_notification = false;
+            }
+        }
+    }
+    n.next_attempt_time = if n.final_attempt_reason.is_none() {
+        f.next_attempt_time.unwrap_or(0)
+    } else {
+        0
+    };
+    cas(c, &row, &n).await?;
+    if has_responses(&f.responses)
+        && let Some((attempt_id, _)) = newest_attempt(c, id).await?
+    {
+        write_responses(c, now, id, attempt_id, &f.responses).await?;
+    }
+    if let Some(dsn) = &f.dsn {
+        create(c, now, me, dsn, false).await?;
+    }
+    Ok(n.version)
+}
+
+// ---- gc -------------------------------------------------------------------------------------
+
+pub(crate) async fn gc(c: &mut Conn<'_>, now: i64, ttl: i64) -> Result<(u64, u64)> {
+    let cutoff = now - ttl;
+    let txs = run!(c, |c| diesel::delete(
+        transactions::table
+            .filter(transactions::lease_session_id.is_null())
+            .filter(transactions::last_update.le(cutoff))
+            .filter(
+                not(transactions::input_done)
+                    .or(transactions::final_attempt_reason.is_not_null())
+            )
+            // A pending DSN keeps the row.
+            .filter(not(transactions::notification.and(transactions::no_final_notification)))
+    )
+    .execute(c)
+    .await)?;
+    let blobs_deleted = run!(c, |c| diesel::delete(
+        blobs::table.filter(not(blobs::id.eq_any(tx_blobs::table.select(tx_blobs::blob_id))))
+    )
+    .execute(c)
+    .await)?;
+    Ok((txs as u64, blobs_deleted as u64))
+}
