@@ -4,7 +4,9 @@
 use diesel::result::{ConnectionError, Error as DieselError};
 use diesel::sqlite::SqliteConnection;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
@@ -29,7 +31,9 @@ pub(crate) enum Conn<'a> {
     Pg(&'a mut AsyncPgConnection),
 }
 
-/// An owned connection of either backend (the writer's).
+/// An owned connection of either backend (the writer's; only one exists, so its size
+/// does not matter).
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum OwnedConn {
     Sqlite(SqliteConn),
     Pg(AsyncPgConnection),
@@ -80,7 +84,8 @@ impl From<ConnectionError> for StorageError {
 pub(crate) async fn migrate(backend: &Backend) -> Result<(), StorageError> {
     let backend = backend.clone();
     tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
-        let mig = |e: Box<dyn std::error::Error + Send + Sync>| StorageError::Migration(e.to_string());
+        let mig =
+            |e: Box<dyn std::error::Error + Send + Sync>| StorageError::Migration(e.to_string());
         match backend {
             Backend::Sqlite(path) => {
                 let mut c: SqliteConnection = diesel::Connection::establish(&sqlite_url(&path))?;
@@ -132,6 +137,7 @@ pub(crate) enum Pool {
 }
 
 /// A connection checked out of the read pool.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Pooled {
     Sqlite(bb8::PooledConnection<'static, SqliteManager>),
     Pg(bb8::PooledConnection<'static, PgManager>),
@@ -140,8 +146,8 @@ pub(crate) enum Pooled {
 impl Pooled {
     pub(crate) fn conn(&mut self) -> Conn<'_> {
         match self {
-            Pooled::Sqlite(c) => Conn::Sqlite(&mut **c),
-            Pooled::Pg(c) => Conn::Pg(&mut **c),
+            Pooled::Sqlite(c) => Conn::Sqlite(c),
+            Pooled::Pg(c) => Conn::Pg(c),
         }
     }
 }
@@ -163,13 +169,25 @@ impl Pool {
                     async move { establish_sqlite(&url).await }.boxed()
                 });
                 let mgr = SqliteManager::new_with_config(sqlite_url(path), cfg);
-                Pool::Sqlite(bb8::Pool::builder().max_size(size).build(mgr).await.map_err(pool_err)?)
+                Pool::Sqlite(
+                    bb8::Pool::builder()
+                        .max_size(size)
+                        .build(mgr)
+                        .await
+                        .map_err(pool_err)?,
+                )
             }
             Backend::Postgres(url) => {
                 let mut cfg = ManagerConfig::<AsyncPgConnection>::default();
                 cfg.recycling_method = RecyclingMethod::Fast;
                 let mgr = PgManager::new_with_config(url.clone(), cfg);
-                Pool::Pg(bb8::Pool::builder().max_size(size).build(mgr).await.map_err(pool_err)?)
+                Pool::Pg(
+                    bb8::Pool::builder()
+                        .max_size(size)
+                        .build(mgr)
+                        .await
+                        .map_err(pool_err)?,
+                )
             }
         })
     }

@@ -51,7 +51,9 @@ pub(crate) struct TxRow {
 
 impl TxRow {
     fn is_final(&self) -> bool {
-        self.final_attempt_reason.as_deref().is_some_and(|r| r != ONESHOT)
+        self.final_attempt_reason
+            .as_deref()
+            .is_some_and(|r| r != ONESHOT)
     }
     fn envelope(&self) -> Result<Transaction> {
         let v: serde_json::Value = serde_json::from_str(&self.json)
@@ -155,7 +157,11 @@ async fn cas(c: &mut Conn<'_>, old: &TxRow, new: &TxRow) -> Result<()> {
     .set(new)
     .execute(c)
     .await)?;
-    if n == 1 { Ok(()) } else { Err(StorageError::Conflict) }
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(StorageError::Conflict)
+    }
 }
 
 fn check_fence(row: &TxRow, lease: Lease) -> Result<()> {
@@ -178,7 +184,9 @@ async fn require_live(c: &mut Conn<'_>, me: SessionId) -> Result<()> {
     if live == Some(true) {
         Ok(())
     } else {
-        Err(StorageError::Invalid("this storage session is no longer live".into()))
+        Err(StorageError::Invalid(
+            "this storage session is no longer live".into(),
+        ))
     }
 }
 
@@ -189,7 +197,14 @@ type BlobRow = (String, i64, i64, Option<i64>);
 async fn load_parts(
     c: &mut Conn<'_>,
     key: &Key,
-) -> Result<Option<(TxRow, Option<String>, Vec<BlobRow>, Option<(i64, Option<String>)>)>> {
+) -> Result<
+    Option<(
+        TxRow,
+        Option<String>,
+        Vec<BlobRow>,
+        Option<(i64, Option<String>)>,
+    )>,
+> {
     let found: Option<(TxRow, Option<String>)> = run!(c, |c| {
         let q = transactions::table
             .left_join(
@@ -351,7 +366,12 @@ pub(crate) async fn version_probe(
         .optional())?)
 }
 
-pub(crate) async fn read_blob(c: &mut Conn<'_>, blob_id: i64, offset: u64, max: usize) -> Result<Bytes> {
+pub(crate) async fn read_blob(
+    c: &mut Conn<'_>,
+    blob_id: i64,
+    offset: u64,
+    max: usize,
+) -> Result<Bytes> {
     let start = to_i64(offset)?;
     let end = start.saturating_add(i64::try_from(max).unwrap_or(i64::MAX));
     let lo = start.saturating_sub(CHUNK_MAX as i64);
@@ -506,10 +526,12 @@ pub(crate) async fn recover(
         .load(c)
         .await)?;
     if !dead.is_empty() {
-        run!(c, |c| diesel::update(sessions::table.filter(sessions::id.eq_any(&dead)))
-            .set((sessions::live.eq(false), sessions::last_update.eq(now)))
-            .execute(c)
-            .await)?;
+        run!(c, |c| diesel::update(
+            sessions::table.filter(sessions::id.eq_any(&dead))
+        )
+        .set((sessions::live.eq(false), sessions::last_update.eq(now)))
+        .execute(c)
+        .await)?;
     }
     let mut rec = Recovery {
         dead_sessions: dead,
@@ -536,7 +558,9 @@ pub(crate) async fn recover(
             .await
             .optional())?;
         if used.is_none() {
-            run!(c, |c| diesel::delete(sessions::table.find(s)).execute(c).await)?;
+            run!(c, |c| diesel::delete(sessions::table.find(s))
+                .execute(c)
+                .await)?;
         }
     }
     Ok(rec)
@@ -689,7 +713,9 @@ pub(crate) async fn create(
         .get_result(c)
         .await)
     .map_err(|e| match e {
-        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => StorageError::Duplicate,
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
+            StorageError::Duplicate
+        }
         e => e.into(),
     })?;
     for (name, blob) in refs {
@@ -866,7 +892,11 @@ pub(crate) async fn append(
     let changed = !rest.is_empty() || new_total != stored_total;
     if changed {
         insert_chunks(c, blob_id, held, rest).await?;
-        let (h, l, t) = (to_i64(held)?, to_i64(new_len)?, new_total.map(to_i64).transpose()?);
+        let (h, l, t) = (
+            to_i64(held)?,
+            to_i64(new_len)?,
+            new_total.map(to_i64).transpose()?,
+        );
         let n = run!(c, |c| diesel::update(
             blobs::table
                 .filter(blobs::id.eq(blob_id))
@@ -952,7 +982,9 @@ async fn write_responses(
 }
 
 fn has_responses(t: &Transaction) -> bool {
-    t.mail_response.is_some() || t.rcpt_response.iter().any(Option::is_some) || t.data_response.is_some()
+    t.mail_response.is_some()
+        || t.rcpt_response.iter().any(Option::is_some)
+        || t.data_response.is_some()
 }
 
 /// Takes the lease (if `take`) and starts an attempt on `row`.
@@ -998,11 +1030,11 @@ pub(crate) async fn dequeue(c: &mut Conn<'_>, now: i64, me: SessionId) -> Result
                 .filter(transactions::lease_session_id.is_null())
                 .filter(transactions::final_attempt_reason.is_null())
                 .filter(transactions::next_attempt_time.le(now))
-                .filter(
-                    transactions::input_done
-                        .or(transactions::creation_session_id.eq(me)),
-                )
-                .order((transactions::next_attempt_time.asc(), transactions::id.asc()))
+                .filter(transactions::input_done.or(transactions::creation_session_id.eq(me)))
+                .order((
+                    transactions::next_attempt_time.asc(),
+                    transactions::id.asc(),
+                ))
                 .select(TxRow::as_select())
         };
     }
@@ -1118,17 +1150,18 @@ pub(crate) async fn gc(c: &mut Conn<'_>, now: i64, ttl: i64) -> Result<(u64, u64
             .filter(transactions::lease_session_id.is_null())
             .filter(transactions::last_update.le(cutoff))
             .filter(
-                not(transactions::input_done)
-                    .or(transactions::final_attempt_reason.is_not_null())
+                not(transactions::input_done).or(transactions::final_attempt_reason.is_not_null())
             )
             // A pending DSN keeps the row.
-            .filter(not(transactions::notification.and(transactions::no_final_notification)))
+            .filter(not(
+                transactions::notification.and(transactions::no_final_notification)
+            ))
     )
     .execute(c)
     .await)?;
-    let blobs_deleted = run!(c, |c| diesel::delete(
-        blobs::table.filter(not(blobs::id.eq_any(tx_blobs::table.select(tx_blobs::blob_id))))
-    )
+    let blobs_deleted = run!(c, |c| diesel::delete(blobs::table.filter(not(
+        blobs::id.eq_any(tx_blobs::table.select(tx_blobs::blob_id))
+    )))
     .execute(c)
     .await)?;
     Ok((txs as u64, blobs_deleted as u64))

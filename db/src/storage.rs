@@ -230,9 +230,9 @@ impl Storage {
 
     /// Reads up to `max` bytes of a blob from `offset` (may return less; empty at the end).
     pub async fn read_blob(&self, blob_id: i64, offset: u64, max: usize) -> Result<Bytes> {
-        self.read(move |mut p| async move {
-            ops::read_blob(&mut p.conn(), blob_id, offset, max).await
-        })
+        self.read(
+            move |mut p| async move { ops::read_blob(&mut p.conn(), blob_id, offset, max).await },
+        )
         .await
     }
 

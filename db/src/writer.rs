@@ -11,21 +11,50 @@ use crate::ops::{self, Result};
 use crate::types::*;
 
 pub(crate) enum Op {
-    OpenSession { uri: String },
+    OpenSession {
+        uri: String,
+    },
     RefreshSession,
-    Recover { ttl: i64 },
+    Recover {
+        ttl: i64,
+    },
     EndSession,
     Create(Box<NewTransaction>),
-    WriteEnvelope { id: DbId, version: i64, envelope: Box<Transaction> },
-    Ping { id: DbId, version: i64 },
+    WriteEnvelope {
+        id: DbId,
+        version: i64,
+        envelope: Box<Transaction>,
+    },
+    Ping {
+        id: DbId,
+        version: i64,
+    },
     /// `reason: None` is a client cancel; `Some` ends the transaction as failed.
-    Cancel { rest_id: String, reason: Option<String> },
+    Cancel {
+        rest_id: String,
+        reason: Option<String>,
+    },
     Append(Box<Append>),
-    StartAttempt { id: DbId, version: i64 },
+    StartAttempt {
+        id: DbId,
+        version: i64,
+    },
     Dequeue,
-    WriteAttempt { id: DbId, version: i64, lease: Lease, responses: Box<Transaction> },
-    FinishAttempt { id: DbId, version: i64, lease: Lease, finish: Box<Finish> },
-    Gc { ttl: i64 },
+    WriteAttempt {
+        id: DbId,
+        version: i64,
+        lease: Lease,
+        responses: Box<Transaction>,
+    },
+    FinishAttempt {
+        id: DbId,
+        version: i64,
+        lease: Lease,
+        finish: Box<Finish>,
+    },
+    Gc {
+        ttl: i64,
+    },
 }
 
 pub(crate) enum Reply {
