@@ -116,6 +116,9 @@ sender:
   output_chain: submission
   retry: output_chain
   notification: output_chain
+  tag:
+  - name: dsn
+    notification: null
 - name: smtp
   output_chain: smtp
   upstream_sender: submission
@@ -126,6 +129,7 @@ endpoint:
     retry_params: {{}}
     notification:
       sender: submission
+      tag: dsn
   chain:
   - filter: rest_output
     static_endpoint: http://127.0.0.1:9/senders/x/transactions
@@ -152,7 +156,12 @@ impl PgDatabase {
             eprintln!("skipping Postgres test: KOUKAN_TEST_POSTGRES not set");
             return None;
         };
-        let name = format!("koukan_it_{}", koukan::rest_id::new_rest_id(6).to_lowercase().replace('-', "_"));
+        let name = format!(
+            "koukan_it_{}",
+            koukan::rest_id::new_rest_id(6)
+                .to_lowercase()
+                .replace('-', "_")
+        );
         psql(&server, &format!("CREATE DATABASE {name}"));
         Some(PgDatabase { server, name })
     }
@@ -165,7 +174,10 @@ impl PgDatabase {
 
 impl Drop for PgDatabase {
     fn drop(&mut self) {
-        psql(&self.server, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+        psql(
+            &self.server,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
     }
 }
 

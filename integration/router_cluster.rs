@@ -26,7 +26,9 @@ async fn replica_without_the_lease_redirects_to_the_holder() {
         .max_redirects(0)
         .finish();
     let resp = c
-        .post(format!("http://127.0.0.1:{pa}/senders/submission/transactions"))
+        .post(format!(
+            "http://127.0.0.1:{pa}/senders/submission/transactions"
+        ))
         .insert_header(("content-type", "application/json"))
         .send_body(
             json!({"mail_from": {"m": "a@example.com"}, "rcpt_to": [{"m": "b@example.com"}]})
@@ -35,7 +37,13 @@ async fn replica_without_the_lease_redirects_to_the_holder() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::CREATED);
-    let location = resp.headers().get("location").unwrap().to_str().unwrap().to_string();
+    let location = resp
+        .headers()
+        .get("location")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
     let path = location
         .strip_prefix(&format!("http://127.0.0.1:{pa}"))
         .unwrap()
@@ -45,7 +53,10 @@ async fn replica_without_the_lease_redirects_to_the_holder() {
     let at_b = format!("http://127.0.0.1:{pb}{path}");
     let resp = c.get(&at_b).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::PERMANENT_REDIRECT);
-    assert_eq!(resp.headers().get("location").unwrap().to_str().unwrap(), location);
+    assert_eq!(
+        resp.headers().get("location").unwrap().to_str().unwrap(),
+        location
+    );
     let resp = c
         .patch(&at_b)
         .insert_header(("if-match", "1"))

@@ -5,9 +5,7 @@ use std::time::{Duration, Instant};
 
 use awc::Client;
 use awc::http::StatusCode;
-use koukan_actors::router::{
-    Crash, Router, SenderError, SenderPolicy, SenderResolver, Settings,
-};
+use koukan_actors::router::{Crash, Router, SenderError, SenderPolicy, SenderResolver, Settings};
 use koukan_db::Backend;
 use serde_json::{Value, json};
 
@@ -87,7 +85,10 @@ impl Reply {
         self.header("etag").expect("etag")
     }
     fn json(&self) -> Value {
-        assert_eq!(self.header("content-type").as_deref(), Some("application/json"));
+        assert_eq!(
+            self.header("content-type").as_deref(),
+            Some("application/json")
+        );
         serde_json::from_slice(&self.body).unwrap()
     }
     fn text(&self) -> String {
@@ -134,7 +135,10 @@ impl TestRouter {
     }
 
     async fn patch(&self, path: &str, etag: &str, json: Option<Value>) -> Reply {
-        let mut req = self.client.patch(self.url(path)).insert_header(("if-match", etag));
+        let mut req = self
+            .client
+            .patch(self.url(path))
+            .insert_header(("if-match", etag));
         match json {
             Some(j) => {
                 req = req.insert_header(("content-type", "application/json"));
@@ -188,7 +192,10 @@ async fn create_read_and_long_poll() {
     // A long poll on the current version times out with an empty 304 echoing the etag.
     let started = Instant::now();
     let unchanged = r
-        .get(&location, &[("if-none-match", "\"1\""), ("request-timeout", "1")])
+        .get(
+            &location,
+            &[("if-none-match", "\"1\""), ("request-timeout", "1")],
+        )
         .await;
     assert_eq!(unchanged.status, StatusCode::NOT_MODIFIED);
     assert_eq!(unchanged.etag(), "\"1\"");
@@ -200,7 +207,10 @@ async fn create_read_and_long_poll() {
     assert_eq!(stale.status, StatusCode::OK);
 
     // A long poll wakes up when the version moves (here a heartbeat from another request).
-    let poll = r.get(&location, &[("if-none-match", "1"), ("request-timeout", "10")]);
+    let poll = r.get(
+        &location,
+        &[("if-none-match", "1"), ("request-timeout", "10")],
+    );
     let beat = async {
         actix_rt::time::sleep(Duration::from_millis(200)).await;
         r.patch(&location, "1", None).await
@@ -237,61 +247,125 @@ async fn incremental_dialect() {
     );
     let mut etag = created.etag();
 
-    let p = r.patch(&loc, &etag, Some(json!({"rcpt_to": [{"m": "bob@example.com"}]}))).await;
+    let p = r
+        .patch(
+            &loc,
+            &etag,
+            Some(json!({"rcpt_to": [{"m": "bob@example.com"}]})),
+        )
+        .await;
     assert_eq!(p.status, StatusCode::OK, "{}", p.text());
     assert_eq!(p.json()["rcpt_to"], json!([{}]));
     etag = p.etag();
     // A wrong offset is a client error, not a server failure.
     let bad = r
-        .patch(&loc, &etag, Some(json!({"rcpt_to_list_offset": 3, "rcpt_to": [{"m": "c@example.com"}]})))
+        .patch(
+            &loc,
+            &etag,
+            Some(json!({"rcpt_to_list_offset": 3, "rcpt_to": [{"m": "c@example.com"}]})),
+        )
         .await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     // A stale etag: 412 without an etag.
-    let stale = r.patch(&loc, "1", Some(json!({"rcpt_to_list_offset": 1, "rcpt_to": [{"m": "c@example.com"}]}))).await;
+    let stale = r
+        .patch(
+            &loc,
+            "1",
+            Some(json!({"rcpt_to_list_offset": 1, "rcpt_to": [{"m": "c@example.com"}]})),
+        )
+        .await;
     assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED);
     assert!(stale.header("etag").is_none());
     let p = r
-        .patch(&loc, &etag, Some(json!({"rcpt_to_list_offset": 1, "rcpt_to": [{"m": "c@example.com"}]})))
+        .patch(
+            &loc,
+            &etag,
+            Some(json!({"rcpt_to_list_offset": 1, "rcpt_to": [{"m": "c@example.com"}]})),
+        )
         .await;
     assert_eq!(p.status, StatusCode::OK, "{}", p.text());
     assert_eq!(p.json()["rcpt_to"], json!([{}, {}]));
     etag = p.etag();
     // A different mail_from is refused; the same one is ignored.
-    let other = r.patch(&loc, &etag, Some(json!({"mail_from": {"m": "eve@example.com"}}))).await;
+    let other = r
+        .patch(
+            &loc,
+            &etag,
+            Some(json!({"mail_from": {"m": "eve@example.com"}})),
+        )
+        .await;
     assert_eq!(other.status, StatusCode::BAD_REQUEST);
-    let same = r.patch(&loc, &etag, Some(json!({"mail_from": {"m": "alice@example.com"}}))).await;
+    let same = r
+        .patch(
+            &loc,
+            &etag,
+            Some(json!({"mail_from": {"m": "alice@example.com"}})),
+        )
+        .await;
     assert_eq!(same.status, StatusCode::OK);
 
     // The body: the spec's chunked sequence.
     let body_uri = format!("{loc}/body");
-    let put = r.put(&body_uri, &[("content-range", "bytes 0-6/*")], b"hello, ").await;
+    let put = r
+        .put(&body_uri, &[("content-range", "bytes 0-6/*")], b"hello, ")
+        .await;
     assert_eq!(put.status, StatusCode::OK, "{}", put.text());
     assert_eq!(put.header("content-range").as_deref(), Some("bytes 0-6/*"));
-    let gap = r.put(&body_uri, &[("content-range", "bytes 10-11/*")], b"xx").await;
+    let gap = r
+        .put(&body_uri, &[("content-range", "bytes 10-11/*")], b"xx")
+        .await;
     assert_eq!(gap.status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(gap.header("content-range").as_deref(), Some("bytes 0-6/*"));
-    let overlap = r.put(&body_uri, &[("content-range", "bytes 5-12/*")], b", world!").await;
+    let overlap = r
+        .put(&body_uri, &[("content-range", "bytes 5-12/*")], b", world!")
+        .await;
     assert_eq!(overlap.status, StatusCode::OK, "{}", overlap.text());
-    assert_eq!(overlap.header("content-range").as_deref(), Some("bytes 0-12/*"));
-    let wrong = r.put(&body_uri, &[("x-finalize-blob-length", "100")], b"").await;
+    assert_eq!(
+        overlap.header("content-range").as_deref(),
+        Some("bytes 0-12/*")
+    );
+    let wrong = r
+        .put(&body_uri, &[("x-finalize-blob-length", "100")], b"")
+        .await;
     assert_eq!(wrong.status, StatusCode::RANGE_NOT_SATISFIABLE);
-    assert_eq!(wrong.header("content-range").as_deref(), Some("bytes 0-12/*"));
-    let nonempty = r.put(&body_uri, &[("x-finalize-blob-length", "13")], b"x").await;
+    assert_eq!(
+        wrong.header("content-range").as_deref(),
+        Some("bytes 0-12/*")
+    );
+    let nonempty = r
+        .put(&body_uri, &[("x-finalize-blob-length", "13")], b"x")
+        .await;
     assert_eq!(nonempty.status, StatusCode::BAD_REQUEST);
-    let bad = r.put(&body_uri, &[("x-finalize-blob-length", "quux")], b"").await;
+    let bad = r
+        .put(&body_uri, &[("x-finalize-blob-length", "quux")], b"")
+        .await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
-    let done = r.put(&body_uri, &[("x-finalize-blob-length", "13")], b"").await;
+    let done = r
+        .put(&body_uri, &[("x-finalize-blob-length", "13")], b"")
+        .await;
     assert_eq!(done.status, StatusCode::OK, "{}", done.text());
-    assert_eq!(done.header("content-range").as_deref(), Some("bytes 0-12/13"));
-    let past = r.put(&body_uri, &[("content-range", "bytes 13-16/17")], b"more").await;
+    assert_eq!(
+        done.header("content-range").as_deref(),
+        Some("bytes 0-12/13")
+    );
+    let past = r
+        .put(&body_uri, &[("content-range", "bytes 13-16/17")], b"more")
+        .await;
     assert_eq!(past.status, StatusCode::RANGE_NOT_SATISFIABLE);
-    assert_eq!(past.header("content-range").as_deref(), Some("bytes 0-12/13"));
+    assert_eq!(
+        past.header("content-range").as_deref(),
+        Some("bytes 0-12/13")
+    );
 
     let read = r.get(&loc, &[]).await;
     assert_eq!(read.json()["body"]["blob_status"]["finalized"], json!(true));
     // No recipients after the body.
     let late = r
-        .patch(&loc, &read.etag(), Some(json!({"rcpt_to_list_offset": 2, "rcpt_to": [{"m": "d@example.com"}]})))
+        .patch(
+            &loc,
+            &read.etag(),
+            Some(json!({"rcpt_to_list_offset": 2, "rcpt_to": [{"m": "d@example.com"}]})),
+        )
         .await;
     assert_eq!(late.status, StatusCode::BAD_REQUEST);
 }
@@ -300,8 +374,14 @@ async fn incremental_dialect() {
 async fn uploads() {
     let r = start_router().await;
     // A body uploaded in one plain PUT, streamed in 8-byte batches by the server.
-    let created = r.post("/senders/submission/transactions", submission(Value::Null)).await;
-    assert_eq!(created.status, StatusCode::BAD_REQUEST, "body: null is invalid");
+    let created = r
+        .post("/senders/submission/transactions", submission(Value::Null))
+        .await;
+    assert_eq!(
+        created.status,
+        StatusCode::BAD_REQUEST,
+        "body: null is invalid"
+    );
     let created = r
         .post(
             "/senders/submission/transactions",
@@ -310,7 +390,10 @@ async fn uploads() {
         .await;
     assert_eq!(created.status, StatusCode::CREATED);
     let loc = created.header("location").unwrap();
-    let uri = created.json()["body"]["blob_status"]["uri"].as_str().unwrap().to_string();
+    let uri = created.json()["body"]["blob_status"]["uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(uri, format!("{loc}/body"));
     let msg = b"Subject: test\r\n\r\nA body longer than the chunk size.\r\n";
     let put = r.put(&uri, &[], msg).await;
@@ -325,17 +408,26 @@ async fn uploads() {
     assert_eq!(again.status, StatusCode::OK);
     let mut longer = msg.to_vec();
     longer.extend_from_slice(b"more");
-    assert_eq!(r.put(&uri, &[], &longer).await.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(
+        r.put(&uri, &[], &longer).await.status,
+        StatusCode::RANGE_NOT_SATISFIABLE
+    );
     let read = r.get(&loc, &[]).await;
     assert_eq!(read.json()["body"]["blob_status"]["finalized"], json!(true));
     assert_ne!(read.etag(), "1", "finalization bumps the version");
 
     // Reuse of that body by a new transaction.
     let reused = r
-        .post("/senders/submission/transactions", submission(json!({"reuse_uri": uri})))
+        .post(
+            "/senders/submission/transactions",
+            submission(json!({"reuse_uri": uri})),
+        )
         .await;
     assert_eq!(reused.status, StatusCode::CREATED, "{}", reused.text());
-    assert_eq!(reused.json()["body"]["blob_status"]["finalized"], json!(true));
+    assert_eq!(
+        reused.json()["body"]["blob_status"]["finalized"],
+        json!(true)
+    );
 
     // An empty plain PUT finalizes at zero bytes.
     let empty = r
@@ -350,11 +442,25 @@ async fn uploads() {
     assert_eq!(put.header("content-range").as_deref(), Some("bytes */0"));
 
     // Header checks.
-    let bad_range = r.put(&format!("{eloc}/body"), &[("content-range", "bytes */13")], b"").await;
+    let bad_range = r
+        .put(
+            &format!("{eloc}/body"),
+            &[("content-range", "bytes */13")],
+            b"",
+        )
+        .await;
     assert_eq!(bad_range.status, StatusCode::BAD_REQUEST);
-    let mismatch = r.put(&format!("{eloc}/body"), &[("content-range", "bytes 0-9/*")], b"abc").await;
+    let mismatch = r
+        .put(
+            &format!("{eloc}/body"),
+            &[("content-range", "bytes 0-9/*")],
+            b"abc",
+        )
+        .await;
     assert_eq!(mismatch.status, StatusCode::BAD_REQUEST);
-    let internal = r.put(&format!("{eloc}/blob/__internal_tx_body"), &[], b"abc").await;
+    let internal = r
+        .put(&format!("{eloc}/blob/__internal_tx_body"), &[], b"abc")
+        .await;
     assert_eq!(internal.status, StatusCode::NOT_FOUND);
     let unknown = r.put(&format!("{eloc}/blob/nope"), &[], b"abc").await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
@@ -385,9 +491,14 @@ async fn message_builder() {
     );
     let raw = r.put(&format!("{loc}/body"), &[], b"x").await;
     assert_eq!(raw.status, StatusCode::CONFLICT);
-    let put = r.put(&format!("{loc}/blob/my_html"), &[], b"<b>hi</b>!!").await;
+    let put = r
+        .put(&format!("{loc}/blob/my_html"), &[], b"<b>hi</b>!!")
+        .await;
     assert_eq!(put.status, StatusCode::OK, "{}", put.text());
-    assert_eq!(put.header("content-range").as_deref(), Some("bytes 0-10/11"));
+    assert_eq!(
+        put.header("content-range").as_deref(),
+        Some("bytes 0-10/11")
+    );
     let read = r.get(&loc, &[]).await;
     assert_eq!(
         read.json()["body"]["message_builder"]["blob_status"]["my_html"]["finalized"],
@@ -420,18 +531,49 @@ async fn message_builder() {
 async fn bad_requests() {
     let r = start_router().await;
     let cases: Vec<(&str, Value, StatusCode)> = vec![
-        ("/senders/nobody/transactions", submission(json!({"inline": "x"})), StatusCode::NOT_FOUND),
-        ("/senders/smtp/transactions", json!({"sender": {"tag": "nope"}}), StatusCode::BAD_REQUEST),
-        ("/senders/submission/transactions", json!({"sender": {"tag": "x"}, "mail_from": {"m": "a"}, "rcpt_to": [{"m": "b"}]}), StatusCode::BAD_REQUEST),
-        ("/senders/submission/transactions", json!({"mail_from": {"m": "a"}}), StatusCode::BAD_REQUEST),
-        ("/senders/submission/transactions", json!({"retry": {}}), StatusCode::BAD_REQUEST),
-        ("/senders/submission/transactions", json!({"mail_from": {"x": "a"}, "rcpt_to": [{"m": "b"}]}), StatusCode::BAD_REQUEST),
-        ("/senders/submission/transactions", json!([1, 2]), StatusCode::BAD_REQUEST),
+        (
+            "/senders/nobody/transactions",
+            submission(json!({"inline": "x"})),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "/senders/smtp/transactions",
+            json!({"sender": {"tag": "nope"}}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/senders/submission/transactions",
+            json!({"sender": {"tag": "x"}, "mail_from": {"m": "a"}, "rcpt_to": [{"m": "b"}]}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/senders/submission/transactions",
+            json!({"mail_from": {"m": "a"}}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/senders/submission/transactions",
+            json!({"retry": {}}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/senders/submission/transactions",
+            json!({"mail_from": {"x": "a"}, "rcpt_to": [{"m": "b"}]}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/senders/submission/transactions",
+            json!([1, 2]),
+            StatusCode::BAD_REQUEST,
+        ),
     ];
     for (path, body, want) in cases {
         let reply = r.post(path, body.clone()).await;
         assert_eq!(reply.status, want, "{path} {body}: {}", reply.text());
-        assert!(!reply.text().is_empty(), "{path} {body}: error has a reason");
+        assert!(
+            !reply.text().is_empty(),
+            "{path} {body}: error has a reason"
+        );
     }
     let malformed = r
         .send(
@@ -440,17 +582,29 @@ async fn bad_requests() {
         )
         .await;
     assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
-    assert!(malformed.text().contains("malformed JSON"), "{}", malformed.text());
+    assert!(
+        malformed.text().contains("malformed JSON"),
+        "{}",
+        malformed.text()
+    );
 
-    assert_eq!(r.get("/transactions/nope", &[]).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        r.get("/transactions/nope", &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(r.get("/nowhere", &[]).await.status, StatusCode::NOT_FOUND);
     assert_eq!(
-        r.send(r.client.delete(r.url("/transactions/x")), None).await.status,
+        r.send(r.client.delete(r.url("/transactions/x")), None)
+            .await
+            .status,
         StatusCode::METHOD_NOT_ALLOWED
     );
 
     let created = r
-        .post("/senders/submission/transactions", submission(json!({"inline": "x"})))
+        .post(
+            "/senders/submission/transactions",
+            submission(json!({"inline": "x"})),
+        )
         .await;
     let loc = created.header("location").unwrap();
     let timeout = r
@@ -458,24 +612,33 @@ async fn bad_requests() {
         .await;
     assert_eq!(timeout.status, StatusCode::BAD_REQUEST);
     assert_eq!(timeout.text(), "invalid request-timeout header");
-    let no_etag = r
-        .send(r.client.patch(r.url(&loc)), Some(Vec::new()))
-        .await;
+    let no_etag = r.send(r.client.patch(r.url(&loc)), Some(Vec::new())).await;
     assert_eq!(no_etag.status, StatusCode::BAD_REQUEST);
     assert_eq!(no_etag.text(), "etags required for update");
-    let json_patch = r.patch(&loc, "1", Some(json!({"rcpt_to": [{"m": "c"}]}))).await;
+    let json_patch = r
+        .patch(&loc, "1", Some(json!({"rcpt_to": [{"m": "c"}]})))
+        .await;
     assert_eq!(json_patch.status, StatusCode::BAD_REQUEST);
-    assert_eq!(json_patch.text(), "endpoint does not accept incremental updates");
+    assert_eq!(
+        json_patch.text(),
+        "endpoint does not accept incremental updates"
+    );
     let text_patch = r
         .send(
-            r.client.patch(r.url(&loc)).insert_header(("if-match", "1")).insert_header(("content-type", "text/plain")),
+            r.client
+                .patch(r.url(&loc))
+                .insert_header(("if-match", "1"))
+                .insert_header(("content-type", "text/plain")),
             Some(b"hello".to_vec()),
         )
         .await;
     assert_eq!(text_patch.status, StatusCode::BAD_REQUEST);
     let bad_json = r
         .send(
-            r.client.patch(r.url(&loc)).insert_header(("if-match", "1")).insert_header(("content-type", "application/json")),
+            r.client
+                .patch(r.url(&loc))
+                .insert_header(("if-match", "1"))
+                .insert_header(("content-type", "application/json")),
             Some(b"{".to_vec()),
         )
         .await;
@@ -494,7 +657,9 @@ async fn cancel() {
         )
         .await;
     let loc = created.header("location").unwrap();
-    let c = r.send(r.client.post(r.url(&format!("{loc}/cancel"))), None).await;
+    let c = r
+        .send(r.client.post(r.url(&format!("{loc}/cancel"))), None)
+        .await;
     assert_eq!(c.status, StatusCode::OK);
     assert!(c.body.is_empty());
     let read = r.get(&loc, &[]).await;
@@ -502,10 +667,14 @@ async fn cancel() {
     assert_eq!(j["cancelled"], json!(true));
     assert_eq!(j["final_attempt_reason"], json!("downstream cancelled"));
     // Cancelling a finished transaction changes nothing.
-    let again = r.send(r.client.post(r.url(&format!("{loc}/cancel"))), None).await;
+    let again = r
+        .send(r.client.post(r.url(&format!("{loc}/cancel"))), None)
+        .await;
     assert_eq!(again.status, StatusCode::OK);
     assert_eq!(r.get(&loc, &[]).await.etag(), read.etag());
-    let unknown = r.send(r.client.post(r.url("/transactions/nope/cancel")), None).await;
+    let unknown = r
+        .send(r.client.post(r.url("/transactions/nope/cancel")), None)
+        .await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
 }
 
@@ -513,12 +682,18 @@ async fn cancel() {
 async fn supervision_restarts_then_fails_a_crashing_transaction() {
     let r = start_router().await;
     let bystander = r
-        .post("/senders/submission/transactions", submission(json!({"inline": "x"})))
+        .post(
+            "/senders/submission/transactions",
+            submission(json!({"inline": "x"})),
+        )
         .await
         .header("location")
         .unwrap();
     let victim = r
-        .post("/senders/submission/transactions", submission(json!({"inline": "y"})))
+        .post(
+            "/senders/submission/transactions",
+            submission(json!({"inline": "y"})),
+        )
         .await
         .header("location")
         .unwrap();
@@ -527,7 +702,12 @@ async fn supervision_restarts_then_fails_a_crashing_transaction() {
         let addr = r.router.registry.get(&id).expect("actor running");
         let _ = addr.send(Crash).await; // the mailbox closes as the actor dies
         let read = r.get(&victim, &[]).await;
-        assert_eq!(read.status, StatusCode::OK, "round {round}: {}", read.text());
+        assert_eq!(
+            read.status,
+            StatusCode::OK,
+            "round {round}: {}",
+            read.text()
+        );
         let reason = read.json()["final_attempt_reason"].clone();
         if round < 3 {
             assert_eq!(reason, Value::Null, "restarted from storage, state intact");
@@ -538,7 +718,10 @@ async fn supervision_restarts_then_fails_a_crashing_transaction() {
     // Everything else keeps working.
     assert_eq!(r.get(&bystander, &[]).await.status, StatusCode::OK);
     let fresh = r
-        .post("/senders/submission/transactions", submission(json!({"inline": "z"})))
+        .post(
+            "/senders/submission/transactions",
+            submission(json!({"inline": "z"})),
+        )
         .await;
     assert_eq!(fresh.status, StatusCode::CREATED);
 }

@@ -1,6 +1,7 @@
 //! `koukan-router CONFIG.yaml`: the router service.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -16,8 +17,18 @@ struct Args {
     config: PathBuf,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("koukan-router: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     koukan_actors::logging::init();
     let cfg = RouterConfig::load(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;
@@ -30,13 +41,14 @@ fn main() -> anyhow::Result<()> {
     actix_rt::System::new().block_on(async move {
         let (router, server) = Router::start(settings).await?;
         tracing::info!(addr = %router.addr, "router listening");
-        let mut server = std::pin::pin!(server);
+        // The server future must keep being polled while shutdown waits for it.
+        let mut server = actix_rt::spawn(server);
         tokio::select! {
-            res = &mut server => res.context("HTTP server")?,
+            res = &mut server => res.context("HTTP server task")?.context("HTTP server")?,
             _ = koukan_actors::signals::shutdown() => {
                 tracing::info!("shutting down");
                 router.shutdown().await;
-                server.await.context("HTTP server")?;
+                server.await.context("HTTP server task")?.context("HTTP server")?;
             }
         }
         tracing::info!("stopped");

@@ -109,10 +109,13 @@ impl Router {
     /// session so its leases are released at once rather than after the liveness timeout.
     pub async fn shutdown(&self) {
         self.server.stop(true).await;
+        tracing::debug!("HTTP server stopped");
         self.housekeeper.do_send(housekeeping::Stop);
         if let Err(e) = self.storage.end_session().await {
             tracing::warn!("ending the storage session: {e}");
         }
+        tracing::debug!("storage session ended");
         self.storage.close().await;
+        tracing::debug!("storage closed");
     }
 }

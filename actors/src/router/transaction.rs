@@ -27,6 +27,9 @@ pub struct TransactionActor {
     watch: watch::Sender<Arc<TxRecord>>,
     loaded: Instant,
     last_activity: Instant,
+    /// Set when the actor stops on purpose; a stop without it is a crash (actix runs
+    /// `stopped` even when a handler panicked).
+    retiring: bool,
 }
 
 impl TransactionActor {
@@ -53,6 +56,7 @@ impl TransactionActor {
             watch,
             loaded: Instant::now(),
             last_activity: Instant::now(),
+            retiring: false,
         }
     }
 
@@ -106,13 +110,17 @@ impl Actor for TransactionActor {
         ctx.run_interval(idle / 2 + Duration::from_millis(1), move |act, ctx| {
             // The state is durable: an idle actor is only a cache and may go.
             if act.watch.receiver_count() == 0 && act.last_activity.elapsed() >= idle {
+                act.retiring = true;
                 ctx.stop();
             }
         });
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
-        self.registry.remove(&self.record.rest_id, &ctx.address());
+        // A crashed actor stays registered so the registry can count the crash.
+        if self.retiring {
+            self.registry.remove(&self.record.rest_id, &ctx.address());
+        }
     }
 }
 
