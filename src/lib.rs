@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod filter;
 pub mod mailbox;
 pub mod range;
 pub mod response;
