@@ -12,6 +12,13 @@
 //! settled and filters leave it alone.
 
 mod body;
+pub mod dkim_sign;
+pub mod dns_resolution;
+mod error;
+pub mod message_builder;
+pub mod message_parser;
+pub mod received_header;
+pub mod router;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,6 +27,7 @@ use std::pin::Pin;
 use serde_json::Value;
 
 pub use body::{BlobSource, BodyError, BodyReader, MemoryBlob, MessageBody, Segment};
+pub use error::FilterBuildError;
 
 use crate::config::RouteOptions;
 use crate::{HostPort, Response, Sender, Transaction};
@@ -53,6 +61,9 @@ pub struct ChainTx {
     pub signals: BTreeMap<String, Value>,
     /// Nothing changed downstream: a keep-alive run (e.g. `rest_output` pings upstream).
     pub heartbeat: bool,
+    /// The body parsed for a REST receiver (`message_parser`, route option `receive_parsing`);
+    /// `body` stays the raw message, sent after the parsed parts.
+    pub parsed: Option<message_parser::ParsedMessage>,
 }
 
 impl ChainTx {
