@@ -7,15 +7,39 @@ use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
-use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::sync_connection_wrapper::{SpawnBlocking, SyncConnectionWrapper};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 
 use crate::StorageError;
 use crate::types::Backend;
 
-pub(crate) type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
+/// SQLite connections run each statement inline on the calling thread instead of through
+/// `spawn_blocking`: the writer owns a dedicated thread, and readers run on the storage
+/// runtime's own workers, so blocking there stalls nobody else — and a thread hand-off per
+/// statement would cost more than most statements.
+pub(crate) type SqliteConn = SyncConnectionWrapper<SqliteConnection, Inline>;
+
+/// A [`SpawnBlocking`] that runs the task immediately.
+pub(crate) struct Inline;
+
+impl SpawnBlocking for Inline {
+    fn spawn_blocking<'a, R>(
+        &mut self,
+        task: impl FnOnce() -> R + Send + 'static,
+    ) -> BoxFuture<'a, Result<R, Box<dyn std::error::Error + Send + Sync + 'static>>>
+    where
+        R: Send + 'static,
+    {
+        futures_util::future::ready(Ok(task())).boxed()
+    }
+
+    fn get_runtime() -> Self {
+        Inline
+    }
+}
 
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");

@@ -1016,8 +1016,9 @@ pub(crate) async fn start_attempt(
     if row.lease_session_id != Some(me) {
         return Err(StorageError::Conflict);
     }
-    if row.is_final() {
-        return Err(StorageError::Invalid(format!("tx {id} is final")));
+    if row.final_attempt_reason.is_some() {
+        // Final, or `oneshot`: its one attempt was made.
+        return Err(StorageError::Invalid(format!("tx {id} is not retryable")));
     }
     require_live(c, me).await?;
     begin_attempt(c, now, me, &row).await
@@ -1044,6 +1045,8 @@ pub(crate) async fn dequeue(c: &mut Conn<'_>, now: i64, me: SessionId) -> Result
                 .filter(transactions::notification)
                 .filter(transactions::no_final_notification)
                 .filter(transactions::lease_session_id.is_null())
+                .filter(transactions::final_attempt_reason.is_not_null())
+                .filter(transactions::final_attempt_reason.ne(ONESHOT))
                 .order(transactions::id.asc())
                 .select(TxRow::as_select())
         };
@@ -1068,8 +1071,7 @@ pub(crate) async fn dequeue(c: &mut Conn<'_>, now: i64, me: SessionId) -> Result
                 .first(&mut **c)
                 .await
                 .optional()?,
-        }
-        .filter(|r: &TxRow| r.is_final());
+        };
     }
     let Some(row) = row else {
         return Ok(None);

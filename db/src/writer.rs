@@ -165,26 +165,32 @@ impl Writer {
 
         let mut results: Vec<(Result<Reply>, ReplyTx)> = Vec::with_capacity(batch.len());
         let mut broken: Option<StorageError> = None;
+        // The statement closing the previous request's savepoint; sent together with the
+        // next statement to save a round trip per request (it matters on Postgres).
+        let mut pending_end: Option<&str> = None;
         for (op, tx) in batch {
             if broken.is_some() {
                 results.push((Err(StorageError::Closed), tx));
                 continue;
             }
-            if !single && let Err(e) = ops::exec(&mut c, "SAVEPOINT req").await {
-                broken = Some(e);
-                results.push((Err(StorageError::Closed), tx));
-                continue;
+            if !single {
+                let sql = match pending_end.take() {
+                    Some(end) => format!("{end}; SAVEPOINT req"),
+                    None => "SAVEPOINT req".to_string(),
+                };
+                if let Err(e) = ops::exec(&mut c, &sql).await {
+                    broken = Some(e);
+                    results.push((Err(StorageError::Closed), tx));
+                    continue;
+                }
             }
             let r = apply(&mut c, now, session, refresh_secs, op).await;
             if !single {
-                let end = if r.is_ok() {
+                pending_end = Some(if r.is_ok() {
                     "RELEASE SAVEPOINT req"
                 } else {
                     "ROLLBACK TO SAVEPOINT req; RELEASE SAVEPOINT req"
-                };
-                if let Err(e) = ops::exec(&mut c, end).await {
-                    broken = Some(e);
-                }
+                });
             }
             if let Ok(Reply::Session(id)) = &r {
                 self.session = *id;
@@ -202,7 +208,13 @@ impl Writer {
                 }
                 return;
             }
-            None => ops::exec(&mut c, "COMMIT").await,
+            None => {
+                let sql = match pending_end {
+                    Some(end) => format!("{end}; COMMIT"),
+                    None => "COMMIT".to_string(),
+                };
+                ops::exec(&mut c, &sql).await
+            }
         };
         match outcome {
             Ok(()) => {

@@ -1157,3 +1157,26 @@ async fn gc(db: &Db) {
             .is_err()
     );
 }
+
+/// Storage does its work on its own runtime: the runtime that opened it may go away (an
+/// actix arbiter stopping) and callers on any other runtime keep working.
+#[test]
+fn outlives_the_opening_runtime() {
+    let db = Db::sqlite();
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let s = rt().block_on(db.open("http://a"));
+    let t = rt()
+        .block_on(s.create(new_tx(inline("x"), true, true)))
+        .unwrap();
+    let other = rt();
+    other.block_on(async {
+        let r = s.start_attempt(t.id, t.version).await.unwrap();
+        assert_eq!(r.attempt_id, Some(1));
+        assert_eq!(s.load_id(t.id).await.unwrap().unwrap().version, 2);
+    });
+}
