@@ -25,6 +25,7 @@ fn new_tx() -> NewTransaction {
         },
         body: NewBody::Inline(Bytes::from(vec![b'x'; 2048])),
         leased: true,
+        start_attempt: false,
     }
 }
 

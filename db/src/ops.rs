@@ -654,22 +654,17 @@ async fn add_ref(c: &mut Conn<'_>, tx_id: DbId, name: &str, blob_id: i64) -> Res
 
 // ---- transactions ---------------------------------------------------------------------------
 
-/// Inserts a transaction with its blobs and refs; returns its id.
-pub(crate) async fn create(
+/// Creates or looks up the blobs of a body: the refs to add, whether every blob is
+/// finalized, and the message-builder spec to store.
+async fn body_refs<'b>(
     c: &mut Conn<'_>,
     now: i64,
-    me: SessionId,
-    new: &NewTransaction,
-    leased: bool,
-) -> Result<DbId> {
-    if leased {
-        require_live(c, me).await?;
-    }
-    // Blobs first: reuse is validated and input_done known before the row exists.
+    body: &'b NewBody,
+) -> Result<(Vec<(&'b str, i64)>, bool, Option<String>)> {
     let mut refs: Vec<(&str, i64)> = Vec::new();
     let mut done = true;
     let mut message_builder = None;
-    match &new.body {
+    match body {
         NewBody::None => done = false,
         NewBody::Upload => {
             refs.push((BODY_BLOB, insert_blob(c, now, None).await?));
@@ -692,6 +687,52 @@ pub(crate) async fn create(
             }
         }
     }
+    Ok((refs, done, message_builder))
+}
+
+/// Gives a transaction without a body its body (the exploder passing the downstream body
+/// to a recipient's transaction): refs, `input_done`, and a version bump, atomically.
+pub(crate) async fn set_body(
+    c: &mut Conn<'_>,
+    now: i64,
+    id: DbId,
+    version: i64,
+    body: &NewBody,
+) -> Result<i64> {
+    let row = row_at(c, id, version).await?;
+    let has_body: Option<i64> = run!(c, |c| tx_blobs::table
+        .filter(tx_blobs::transaction_id.eq(id))
+        .select(tx_blobs::blob_id)
+        .first(c)
+        .await
+        .optional())?;
+    if has_body.is_some() || row.message_builder.is_some() {
+        return Err(StorageError::Invalid(format!("tx {id} already has a body")));
+    }
+    let (refs, done, message_builder) = body_refs(c, now, body).await?;
+    let mut n = row.next(now);
+    n.input_done = done;
+    n.message_builder = message_builder;
+    cas(c, &row, &n).await?;
+    for (name, blob) in refs {
+        add_ref(c, id, name, blob).await?;
+    }
+    Ok(n.version)
+}
+
+/// Inserts a transaction with its blobs and refs; returns its id.
+pub(crate) async fn create(
+    c: &mut Conn<'_>,
+    now: i64,
+    me: SessionId,
+    new: &NewTransaction,
+    leased: bool,
+) -> Result<DbId> {
+    if leased {
+        require_live(c, me).await?;
+    }
+    // Blobs first: reuse is validated and input_done known before the row exists.
+    let (refs, done, message_builder) = body_refs(c, now, &new.body).await?;
     let json = new.tx.to_db_json().to_string();
     let id: DbId = run!(c, |c| diesel::insert_into(transactions::table)
         .values((
@@ -731,6 +772,12 @@ pub(crate) async fn create_record(
     new: &NewTransaction,
 ) -> Result<TxRecord> {
     let id = create(c, now, me, new, new.leased).await?;
+    if new.leased && new.start_attempt {
+        // Cut-through: the attempt starts in the same commit as the row (no lease without
+        // an owner, and one commit fewer per message).
+        let row = read_row(c, id).await?.ok_or(StorageError::NotFound)?;
+        return begin_attempt(c, now, me, &row).await;
+    }
     must_load(c, id).await
 }
 

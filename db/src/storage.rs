@@ -177,6 +177,17 @@ impl Storage {
         self.write_version(op).await
     }
 
+    /// Gives a transaction that has no body yet its body (e.g. a reused, finalized blob),
+    /// setting `input_done` when complete. `Invalid` if it already has one.
+    pub async fn set_body(&self, id: DbId, version: i64, body: NewBody) -> Result<i64> {
+        let op = Op::SetBody {
+            id,
+            version,
+            body: Box::new(body),
+        };
+        self.write_version(op).await
+    }
+
     /// Version bump only (a heartbeat). Allowed on finished transactions too.
     pub async fn ping(&self, id: DbId, version: i64) -> Result<i64> {
         self.write_version(Op::Ping { id, version }).await

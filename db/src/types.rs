@@ -133,6 +133,8 @@ pub struct NewTransaction {
     pub body: NewBody,
     /// Leased to this session (its attempt runs here), or left for the dequeuer.
     pub leased: bool,
+    /// With `leased`: start attempt 1 in the same commit (cut-through delivery).
+    pub start_attempt: bool,
 }
 
 /// One blob upload request (a PUT or one batch of a streamed PUT).

@@ -29,6 +29,11 @@ pub(crate) enum Op {
         id: DbId,
         version: i64,
     },
+    SetBody {
+        id: DbId,
+        version: i64,
+        body: Box<NewBody>,
+    },
     /// `reason: None` is a client cancel; `Some` ends the transaction as failed.
     Cancel {
         rest_id: String,
@@ -265,6 +270,9 @@ async fn apply(
             envelope,
         } => Reply::Version(ops::write_envelope(c, now, id, version, &envelope).await?),
         Op::Ping { id, version } => Reply::Version(ops::ping(c, now, id, version).await?),
+        Op::SetBody { id, version, body } => {
+            Reply::Version(ops::set_body(c, now, id, version, &body).await?)
+        }
         Op::Cancel { rest_id, reason } => {
             Reply::Cancel(ops::cancel(c, now, me, &rest_id, reason.as_deref()).await?)
         }

@@ -150,6 +150,8 @@ suite!(
     sessions_recover,
     sessions_end,
     gc,
+    create_with_attempt,
+    set_body_reuses,
 );
 
 // ---- helpers ------------------------------------------------------------------------------
@@ -171,6 +173,7 @@ fn new_tx(body: NewBody, leased: bool, retry: bool) -> NewTransaction {
         tx: envelope(retry, false),
         body,
         leased,
+        start_attempt: false,
     }
 }
 
@@ -767,6 +770,7 @@ async fn attempts_retry_and_dsn(db: &Db) {
         tx: envelope(true, false),
         body: inline("bounce"),
         leased: true, // ignored: DSNs are left for the dequeuer
+        start_attempt: false,
     };
     let t3 = s.create(new_tx(inline("y"), true, true)).await.unwrap();
     let a3 = s.start_attempt(t3.id, t3.version).await.unwrap();
@@ -1179,4 +1183,74 @@ fn outlives_the_opening_runtime() {
         assert_eq!(r.attempt_id, Some(1));
         assert_eq!(s.load_id(t.id).await.unwrap().unwrap().version, 2);
     });
+}
+
+async fn create_with_attempt(db: &Db) {
+    let s = &db.open("http://a").await;
+    let r = s
+        .create(NewTransaction {
+            start_attempt: true,
+            ..new_tx(NewBody::Inline(Bytes::from_static(b"x")), true, false)
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.attempt_id, Some(1), "attempt 1 started with the row");
+    assert_eq!(r.tx.attempt_count, Some(1));
+    assert_eq!(
+        r.final_attempt_reason.as_deref(),
+        Some(ONESHOT),
+        "no retry: one attempt"
+    );
+    assert!(r.lease.is_some());
+    // Unleased creates ignore the flag: the dequeuer starts their attempt.
+    let u = s
+        .create(NewTransaction {
+            start_attempt: true,
+            ..new_tx(NewBody::None, false, true)
+        })
+        .await
+        .unwrap();
+    assert_eq!(u.attempt_id, None);
+    assert!(u.lease.is_none());
+}
+
+async fn set_body_reuses(db: &Db) {
+    let s = &db.open("http://a").await;
+    let src = s
+        .create(new_tx(
+            NewBody::Inline(Bytes::from_static(b"Subject: x\r\n\r\nhi\r\n")),
+            false,
+            false,
+        ))
+        .await
+        .unwrap();
+    let dst = s.create(new_tx(NewBody::None, false, false)).await.unwrap();
+    assert!(!dst.input_done);
+    let uri = koukan::rest::BlobUri {
+        tx: src.rest_id.clone(),
+        blob: koukan::rest::BODY_BLOB.into(),
+    };
+    assert!(matches!(
+        s.set_body(dst.id, dst.version + 1, NewBody::Reuse(uri.clone()))
+            .await,
+        Err(StorageError::Conflict)
+    ));
+    let v = s
+        .set_body(dst.id, dst.version, NewBody::Reuse(uri.clone()))
+        .await
+        .unwrap();
+    assert_eq!(v, dst.version + 1);
+    let after = s.load_id(dst.id).await.unwrap().unwrap();
+    assert!(after.input_done);
+    let (body, src_body) = (
+        after.blob(koukan::rest::BODY_BLOB).unwrap(),
+        src.blob(koukan::rest::BODY_BLOB).unwrap(),
+    );
+    assert_eq!(body.blob_id, src_body.blob_id, "shared, not copied");
+    assert!(body.finalized());
+    // A second body is refused.
+    assert!(matches!(
+        s.set_body(dst.id, v, NewBody::Reuse(uri)).await,
+        Err(StorageError::Invalid(_))
+    ));
 }
