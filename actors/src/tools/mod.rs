@@ -1,1 +1,3 @@
 //! Command-line tools, run as `koukan <tool>`.
+
+pub mod sink;
