@@ -110,7 +110,8 @@ fn load_key(path: &Path) -> Result<DkimKey, FilterBuildError> {
         message,
     };
     let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| err(format!("not a PEM key: {e}")))?;
+    let der =
+        PrivateKeyDer::from_pem_slice(&pem).map_err(|e| err(format!("not a PEM key: {e}")))?;
     match der {
         PrivateKeyDer::Pkcs1(_) => RsaKey::<Sha256>::from_key_der(der)
             .map(DkimKey::Rsa)
@@ -149,7 +150,10 @@ fn find_blank_line(buf: &[u8], from: usize) -> Option<usize> {
 fn header_names(block: &[u8]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for line in block.split(|b| *b == b'\n') {
-        if line.first().is_none_or(|b| *b == b' ' || *b == b'\t' || *b == b'\r') {
+        if line
+            .first()
+            .is_none_or(|b| *b == b' ' || *b == b'\t' || *b == b'\r')
+        {
             continue;
         }
         let Some(colon) = line.iter().position(|b| *b == b':') else {
@@ -276,7 +280,8 @@ mod tests {
             .collect()
     }
 
-    const MSG: &[u8] = b"From: alice@example.com\r\nTo: bob@example.org\r\nBcc: carol@example.org\r\n\
+    const MSG: &[u8] =
+        b"From: alice@example.com\r\nTo: bob@example.org\r\nBcc: carol@example.org\r\n\
 Received: from x by y; Fri, 13 Feb 2009 23:31:30 +0000\r\nSubject: hello\r\n\
 X-Custom: 1\r\n\r\nhello, world!\r\nline two\r\n";
 
@@ -293,7 +298,14 @@ X-Custom: 1\r\n\r\nhello, world!\r\nline two\r\n";
         assert!(header.starts_with("DKIM-Signature: "), "{header}");
         assert!(header.ends_with("\r\n"));
         assert!(header.contains("c=relaxed/simple"), "{header}");
-        let h_tag: String = header.split("h=").nth(1).unwrap().split(';').next().unwrap().into();
+        let h_tag: String = header
+            .split("h=")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .into();
         let h_tag: String = h_tag.chars().filter(|c| !c.is_whitespace()).collect();
         // mail-auth lists fields bottom-up (the order verifiers pick duplicates in).
         assert_eq!(h_tag, "X-Custom:Subject:Bcc:To:From");
@@ -342,13 +354,18 @@ X-Custom: 1\r\n\r\nhello, world!\r\nline two\r\n";
 
     #[test]
     fn bad_keys_fail_at_construction() {
-        let e = DkimSign::new(&cfg("/nonexistent/key.pem".into())).err().unwrap();
+        let e = DkimSign::new(&cfg("/nonexistent/key.pem".into()))
+            .err()
+            .unwrap();
         assert!(matches!(e, FilterBuildError::File { .. }), "{e}");
         assert!(e.to_string().contains("/nonexistent/key.pem"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let junk = dir.path().join("junk.pem");
-        std::fs::write(&junk, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
-            .unwrap();
+        std::fs::write(
+            &junk,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
         assert!(DkimSign::new(&cfg(junk)).is_err());
         let text = dir.path().join("text.pem");
         std::fs::write(&text, "not a key").unwrap();
@@ -356,18 +373,22 @@ X-Custom: 1\r\n\r\nhello, world!\r\nline two\r\n";
         let mut no_domain = cfg(testdata("dkim-rsa.pem"));
         no_domain.domain = None;
         assert!(DkimSign::new(&no_domain).is_err());
-        assert!(DkimSign::new(&DkimSignFilter {
-            key: None,
-            domain: None,
-            selector: None
-        })
-        .is_err());
+        assert!(
+            DkimSign::new(&DkimSignFilter {
+                key: None,
+                domain: None,
+                selector: None
+            })
+            .is_err()
+        );
     }
 
     #[test]
     fn names_and_blank_line() {
         assert_eq!(
-            header_names(b"From: a\r\nfrom: b\r\nSubject: x\r\n  folded\r\nReceived: r\r\nbogus\r\n"),
+            header_names(
+                b"From: a\r\nfrom: b\r\nSubject: x\r\n  folded\r\nReceived: r\r\nbogus\r\n"
+            ),
             vec!["From", "Subject"]
         );
         assert_eq!(find_blank_line(b"a: b\r\n\r\nbody", 0), Some(8));

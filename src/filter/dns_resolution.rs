@@ -126,7 +126,10 @@ impl DnsResolution {
         }
         let h = host.trim_end_matches('.').to_ascii_lowercase();
         self.literal.as_ref().is_some_and(|l| *l == h)
-            || self.suffix.as_ref().is_some_and(|s| h.ends_with(s.as_str()))
+            || self
+                .suffix
+                .as_ref()
+                .is_some_and(|s| h.ends_with(s.as_str()))
     }
 
     /// Resolves a host list: OK with the addresses (original ports, no duplicates), or the
@@ -316,7 +319,9 @@ enum Lookup {
 
 fn classify(e: &NetError) -> Lookup {
     match e {
-        NetError::Dns(DnsError::NoRecordsFound(nr)) if nr.response_code == ResponseCode::NXDomain => {
+        NetError::Dns(DnsError::NoRecordsFound(nr))
+            if nr.response_code == ResponseCode::NXDomain =>
+        {
             Lookup::NxDomain
         }
         NetError::Dns(DnsError::NoRecordsFound(_)) => Lookup::NoAnswer,
@@ -481,7 +486,11 @@ pub(crate) mod tests {
         let r = f.resolve(&[hp("Example.COM", 25)]).await.unwrap();
         assert_eq!(
             r,
-            vec![hp("192.0.2.1", 25), hp("2001:db8::1", 25), hp("192.0.2.2", 25)]
+            vec![
+                hp("192.0.2.1", 25),
+                hp("2001:db8::1", 25),
+                hp("192.0.2.2", 25)
+            ]
         );
         // Cached per filter instance.
         let n = dns.queries.load(Ordering::SeqCst);
@@ -493,8 +502,12 @@ pub(crate) mod tests {
         );
         // IP literals and hosts not needing resolution pass verbatim; duplicates dropped.
         assert_eq!(
-            f.resolve(&[hp("10.0.0.1", 2525), hp("implicit.example", 25), hp("10.0.0.1", 2525)])
-                .await,
+            f.resolve(&[
+                hp("10.0.0.1", 2525),
+                hp("implicit.example", 25),
+                hp("10.0.0.1", 2525)
+            ])
+            .await,
             Ok(vec![hp("10.0.0.1", 2525), hp("192.0.2.9", 25)])
         );
     }
@@ -502,11 +515,26 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn failures() {
         let (mut f, _dns) = filter(all()).await;
-        assert_eq!(f.resolve(&[hp("nullmx.example", 25)]).await, Err(Outcome::Nx));
-        assert_eq!(f.resolve(&[hp("nosuch.example", 25)]).await, Err(Outcome::Nx));
-        assert_eq!(f.resolve(&[hp("broken.example", 25)]).await, Err(Outcome::Temp));
-        assert_eq!(f.resolve(&[hp("dangling.example", 25)]).await, Err(Outcome::Temp));
-        assert_eq!(f.resolve(&[hp("txtonly.example", 25)]).await, Err(Outcome::Temp));
+        assert_eq!(
+            f.resolve(&[hp("nullmx.example", 25)]).await,
+            Err(Outcome::Nx)
+        );
+        assert_eq!(
+            f.resolve(&[hp("nosuch.example", 25)]).await,
+            Err(Outcome::Nx)
+        );
+        assert_eq!(
+            f.resolve(&[hp("broken.example", 25)]).await,
+            Err(Outcome::Temp)
+        );
+        assert_eq!(
+            f.resolve(&[hp("dangling.example", 25)]).await,
+            Err(Outcome::Temp)
+        );
+        assert_eq!(
+            f.resolve(&[hp("txtonly.example", 25)]).await,
+            Err(Outcome::Temp)
+        );
         assert_eq!(f.resolve(&[]).await, Err(Outcome::Temp));
         // The first failure aborts the list.
         assert_eq!(
@@ -559,10 +587,7 @@ pub(crate) mod tests {
         let (mut f, _dns) = filter(all()).await;
         let mut t = chain_tx("bob@implicit.example", vec![hp("example.com", 25)]);
         f.update(&mut t).await;
-        assert_eq!(
-            t.route.resolution.as_ref().unwrap()[0],
-            hp("192.0.2.1", 25)
-        );
+        assert_eq!(t.route.resolution.as_ref().unwrap()[0], hp("192.0.2.1", 25));
         assert_eq!(
             t.signals[SIGNAL],
             serde_json::json!({"mail_from_result": 0, "rcpt_to_result": [0], "resolution_result": 0})

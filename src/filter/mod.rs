@@ -52,6 +52,8 @@ pub struct Route {
 /// One run of the chain: the transaction as it is now.
 #[derive(Clone, Debug, Default)]
 pub struct ChainTx {
+    /// Public id of the stored transaction (for references to its blobs).
+    pub rest_id: String,
     /// Envelope and the responses so far (`tx.body` is the stored state; read `body`).
     pub tx: Transaction,
     /// The message as it leaves this point of the chain.

@@ -266,16 +266,18 @@ mod tests {
         meta.insert("esmtp".into(), true.into());
         meta.insert("auth".into(), true.into());
         assert!(f.header(&tx, T).contains("\twith ESMTPA\r\n"));
-        tx.tx.mail_from = Some(
-            Mailbox::new("jösé@domain").with_params(vec![EsmtpParam::new("SMTPUTF8", None)]),
-        );
+        tx.tx.mail_from =
+            Some(Mailbox::new("jösé@domain").with_params(vec![EsmtpParam::new("SMTPUTF8", None)]));
         tx.tx.rcpt_to = vec![Mailbox::new("bøb@dömain")];
         let h = f.header(&tx, T);
         assert!(h.contains("\twith UTF8SMTPA\r\n"), "{h}");
         assert!(h.contains("\tfor bøb@dömain;"), "{h}");
         // No PTR confirmation: the literal alone.
         tx.signals.clear();
-        assert!(f.header(&tx, T).starts_with("Received: from gargantua1 ([1.2.3.4])\r\n"));
+        assert!(
+            f.header(&tx, T)
+                .starts_with("Received: from gargantua1 ([1.2.3.4])\r\n")
+        );
     }
 
     #[test]
@@ -295,7 +297,10 @@ mod tests {
         let meta = serde_json::json!({"ehlo_host": "evil\r\nX-Injected: 1"});
         tx.tx.smtp_meta = meta.as_object().cloned();
         let h = f.header(&tx, T);
-        assert!(h.starts_with("Received: from evilX-Injected: 1 ([IPv6:::1])\r\n"), "{h}");
+        assert!(
+            h.starts_with("Received: from evilX-Injected: 1 ([IPv6:::1])\r\n"),
+            "{h}"
+        );
         assert!(!h.contains("for "));
     }
 
@@ -325,7 +330,11 @@ mod tests {
         fn finalized(&self) -> bool {
             false
         }
-        fn read(&self, _: u64, _: usize) -> LocalFuture<'_, Result<Bytes, super::super::BodyError>> {
+        fn read(
+            &self,
+            _: u64,
+            _: usize,
+        ) -> LocalFuture<'_, Result<Bytes, super::super::BodyError>> {
             Box::pin(async { Ok(Bytes::new()) })
         }
     }

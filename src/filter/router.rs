@@ -58,7 +58,10 @@ struct Endpoints {
 impl Endpoints {
     fn new(
         list: &[RestEndpointConfig],
-        resolve_sender: &dyn Fn(&str, Option<&str>) -> Option<(Option<String>, Option<ResolvedMeta>)>,
+        resolve_sender: &dyn Fn(
+            &str,
+            Option<&str>,
+        ) -> Option<(Option<String>, Option<ResolvedMeta>)>,
     ) -> Self {
         let table = list
             .iter()
@@ -183,9 +186,11 @@ pub fn parse_addr_spec(s: &str) -> Option<(&str, &str)> {
     } else {
         dot_atom(local)
     };
-    let domain_ok = if let Some(lit) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']'))
-    {
-        !lit.is_empty() && lit.chars().all(|c| c.is_ascii_graphic() && !"[]\\".contains(c))
+    let domain_ok = if let Some(lit) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+        !lit.is_empty()
+            && lit
+                .chars()
+                .all(|c| c.is_ascii_graphic() && !"[]\\".contains(c))
     } else {
         dot_atom(domain)
     };
@@ -428,8 +433,13 @@ endpoint:
         );
         assert_eq!(parse_addr_spec("\"b b\"@x.y"), Some(("\"b b\"", "x.y")));
         assert_eq!(parse_addr_spec("a@[1.2.3.4]"), Some(("a", "[1.2.3.4]")));
-        assert_eq!(parse_addr_spec("jösé@bücher.de"), Some(("jösé", "bücher.de")));
-        for bad in ["bob", "@x", "a@", "a..b@x", "a@x..y", "a b@x", "<a@x>", "a@x@"] {
+        assert_eq!(
+            parse_addr_spec("jösé@bücher.de"),
+            Some(("jösé", "bücher.de"))
+        );
+        for bad in [
+            "bob", "@x", "a@", "a..b@x", "a@x..y", "a b@x", "<a@x>", "a@x@",
+        ] {
             assert_eq!(parse_addr_spec(bad), None, "{bad}");
         }
     }
