@@ -1157,8 +1157,60 @@ async fn heartbeats_while_idle() {
         }
     }
     assert_eq!(c.cmd("DATA").await.code, 354);
-    c.send("x\r\n.\r\n").await;
+    // A slow client's bytes are pushed every refresh interval, not held.
+    c.send("x\r\n").await;
+    actix_rt::time::sleep(Duration::from_millis(1200)).await;
+    c.send("y\r\n").await;
+    wait_for(|| fake.puts().len() == 1).await;
+    assert_eq!(fake.puts()[0].0.as_deref(), Some("bytes 0-5/*"));
+    c.send(".\r\n").await;
     assert_eq!(c.reply().await.code, 250);
+    assert_eq!(fake.body(), b"x\r\ny\r\n");
+    gw.shutdown().await;
+}
+
+/// Not a test: messages per second through the gateway into the fake router
+/// (`cargo test --test gateway_inbound throughput -- --ignored --nocapture`).
+#[actix_rt::test]
+#[ignore]
+async fn throughput() {
+    init();
+    let (_fake, base) = start_fake().await;
+    let (gw, addr) = start_gateway(&opts(&base)).await;
+    let clients = 32;
+    let per_client = 50;
+    let body = format!(
+        "Subject: load\r\n\r\n{}.\r\n",
+        ("z".repeat(78) + "\r\n").repeat(12)
+    );
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let body = body.clone();
+        tasks.push(actix_rt::spawn(async move {
+            let mut c = connect(addr).await;
+            c.cmd("EHLO load").await;
+            for _ in 0..per_client {
+                c.send("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+                    .await;
+                for code in [250, 250, 354] {
+                    assert_eq!(c.reply().await.code, code);
+                }
+                c.send(&body).await;
+                assert_eq!(c.reply().await.code, 250);
+            }
+            c.cmd("QUIT").await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n = clients * per_client;
+    let e = started.elapsed();
+    eprintln!(
+        "{n} messages over {clients} connections in {e:?}: {:.0} msgs/s",
+        n as f64 / e.as_secs_f64()
+    );
     gw.shutdown().await;
 }
 

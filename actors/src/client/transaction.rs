@@ -150,25 +150,40 @@ impl Answer {
     }
 }
 
+/// A transport failure: no answer at all.
+struct SendError {
+    timeout: bool,
+    detail: String,
+}
+
+impl From<SendError> for String {
+    fn from(e: SendError) -> String {
+        e.detail
+    }
+}
+
 async fn send(
     req: awc::ClientRequest,
     body: Option<Bytes>,
     timeout: Duration,
-) -> Result<Answer, String> {
+) -> Result<Answer, SendError> {
     let req = req.timeout(timeout);
     let resp = match body {
         Some(b) => req.send_body(b).await,
         None => req.send().await,
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| SendError {
+        timeout: matches!(e, awc::error::SendRequestError::Timeout),
+        detail: e.to_string(),
+    })?;
     let status = resp.status();
     let headers = resp.headers().clone();
     let mut resp = resp.timeout(timeout);
-    let body = resp
-        .body()
-        .limit(MAX_JSON)
-        .await
-        .map_err(|e| e.to_string())?;
+    // A broken body is worth one retry like a broken connection.
+    let body = resp.body().limit(MAX_JSON).await.map_err(|e| SendError {
+        timeout: false,
+        detail: e.to_string(),
+    })?;
     Ok(Answer {
         status,
         headers,
@@ -198,7 +213,7 @@ impl RestTransaction {
             ));
         let a = send(req, Some(json), settings.timeout)
             .await
-            .map_err(|d| err("http exception", d))?;
+            .map_err(|e| err("http exception", e.detail))?;
         if a.status != StatusCode::CREATED {
             return Err(err("http error ", format!("HTTP {}", a.status)));
         }
@@ -345,8 +360,8 @@ impl RestTransaction {
                 Ok(a) => break a,
                 // The original's 304 closes the connection; a pooled connection may
                 // therefore be dead on the next request. One retry covers it.
-                Err(e) if tries == 0 && !e.contains("imeout") => tries += 1,
-                Err(e) => return Err(e),
+                Err(e) if tries == 0 && !e.timeout => tries += 1,
+                Err(e) => return Err(e.detail),
             }
         };
         match a.status {
@@ -392,11 +407,9 @@ impl RestTransaction {
             if now + MIN_POLL > deadline {
                 return Err(phase.timeout());
             }
-            if let Some(due) = self.heartbeat_due() {
-                if now >= due {
-                    self.heartbeat().await?;
-                    continue;
-                }
+            if self.heartbeat_due().is_some_and(|due| now >= due) {
+                self.heartbeat().await?;
+                continue;
             }
             let until = self.heartbeat_due().map_or(deadline, |d| d.min(deadline));
             let started = Instant::now();
@@ -441,7 +454,7 @@ impl RestTransaction {
         Ok(self.read.data_response.clone().expect("waited for it"))
     }
 
-    async fn patch(&mut self, body: Option<Bytes>) -> Result<Answer, String> {
+    async fn patch(&mut self, body: Option<Bytes>) -> Result<Answer, SendError> {
         let mut req = self
             .http
             .awc
@@ -490,7 +503,7 @@ impl RestTransaction {
             let a = self
                 .patch(body.clone())
                 .await
-                .map_err(|d| err("timeout".into(), d))?;
+                .map_err(|e| err("timeout".into(), e.detail))?;
             match a.status {
                 StatusCode::OK => return self.take_patch(a, body.is_some()),
                 StatusCode::PRECONDITION_FAILED if !retried => {
@@ -571,7 +584,7 @@ impl RestTransaction {
             let sent_to = offset + piece.len() as u64;
             let a = send(req, Some(piece), self.settings.data_timeout)
                 .await
-                .map_err(|detail| ClientError::UploadTransport { detail })?;
+                .map_err(|e| ClientError::UploadTransport { detail: e.detail })?;
             if a.status != StatusCode::OK && a.status != StatusCode::RANGE_NOT_SATISFIABLE {
                 return Err(ClientError::PutStatus {
                     status: a.status.as_u16(),
@@ -663,7 +676,7 @@ impl RestTransaction {
         self.cancelled = true;
         let req = self.http.awc.post(format!("{}/cancel", self.url));
         if let Err(e) = send(req, None, CANCEL_TIMEOUT).await {
-            tracing::debug!(url = %self.url, error = %e, "cancel failed");
+            tracing::debug!(url = %self.url, error = %e.detail, "cancel failed");
         }
     }
 }

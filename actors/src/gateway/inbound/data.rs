@@ -1,6 +1,8 @@
 //! DATA and BDAT: the body is streamed to the router in `chunk_size` PUTs while it
 //! arrives (never held whole), then the data response is awaited and relayed.
 
+use std::time::Instant;
+
 use bytes::BytesMut;
 
 use super::reply::Reply;
@@ -12,11 +14,24 @@ const MAX_DATA_LINE: usize = 1001;
 
 /// A body in transit: what is buffered for the next PUT, and the first problem seen
 /// (after which the rest of the message is read and dropped).
-#[derive(Default)]
 pub(super) struct Body {
     buf: BytesMut,
     total: u64,
     error: Option<Reply>,
+    /// When buffered bytes were last sent: a slow client's data still moves on
+    /// every `refresh_interval`.
+    last_push: Instant,
+}
+
+impl Default for Body {
+    fn default() -> Self {
+        Body {
+            buf: BytesMut::new(),
+            total: 0,
+            error: None,
+            last_push: Instant::now(),
+        }
+    }
 }
 
 impl Session {
@@ -104,9 +119,7 @@ impl Session {
         let mut left = size;
         while left > 0 {
             if self.conn.rbuf.is_empty() {
-                if let Err(stop) = self.fill(false).await {
-                    return Err(stop);
-                }
+                self.fill(false).await?;
             }
             let n = left.min(self.conn.rbuf.len());
             let piece = self.conn.rbuf.split_to(n).freeze();
@@ -158,6 +171,15 @@ impl Session {
             let piece = body.buf.split_to(chunk).freeze();
             self.body_push(body, piece, false).await;
         }
+        let stale = self
+            .svc
+            .client
+            .refresh_interval
+            .is_some_and(|r| body.last_push.elapsed() >= r);
+        if stale && !body.buf.is_empty() && body.error.is_none() {
+            let piece = body.buf.split().freeze();
+            self.body_push(body, piece, false).await;
+        }
     }
 
     async fn body_push(&mut self, body: &mut Body, piece: bytes::Bytes, last: bool) {
@@ -170,6 +192,7 @@ impl Session {
             );
             return;
         };
+        body.last_push = Instant::now();
         let mut result = rest.put_chunk(piece, last).await;
         if result.is_ok() && !last {
             result = rest.maybe_heartbeat().await;

@@ -29,6 +29,8 @@ pub(super) const MAX_AUTH_LINE: usize = 12288;
 const MAX_COMMAND_LINE: usize = 512 + 26 + 10;
 /// Unrecognized commands tolerated before the connection is closed.
 const MAX_UNKNOWN_COMMANDS: u32 = 5;
+/// Room made in the input buffer before each read.
+const READ_SIZE: usize = 64 * 1024;
 /// Time allowed to send the final reply when the session ends.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -78,7 +80,7 @@ impl Conn {
     fn new(io: Box<dyn Io>) -> Conn {
         Conn {
             io,
-            rbuf: BytesMut::with_capacity(16 * 1024),
+            rbuf: BytesMut::with_capacity(READ_SIZE),
             wbuf: Vec::with_capacity(1024),
             discarding: false,
         }
@@ -275,6 +277,8 @@ impl Session {
                 .as_ref()
                 .and_then(RestTransaction::heartbeat_due)
                 .map(tokio::time::Instant::from_std);
+            // Without spare room BytesMut would grow by a few bytes per read.
+            self.conn.rbuf.reserve(READ_SIZE);
             let wake = {
                 let read = self.conn.io.read_buf(&mut self.conn.rbuf);
                 let shutdown = self.shutdown.wait_for(|s| *s);
