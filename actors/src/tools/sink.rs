@@ -388,6 +388,8 @@ struct Envelope {
     rcpt_params: Vec<Vec<String>>,
     pipelined: bool,
     data: Vec<u8>,
+    /// Message length (the data itself is dropped unless kept, saved or printed).
+    size: usize,
     bdat: bool,
 }
 
@@ -438,6 +440,12 @@ impl Session {
             f(&mut self.shared.sessions.lock().unwrap()[i]);
             self.shared.changed.send_modify(|n| *n += 1);
         }
+    }
+
+    /// Whether message bytes are needed after the reply.
+    fn retain(&self) -> bool {
+        let o = &self.shared.opts;
+        o.keep || o.print || o.dir.is_some()
     }
 
     fn reply(&mut self, s: &str) {
@@ -575,6 +583,7 @@ impl Session {
                             rcpt_params: Vec::new(),
                             pipelined: false,
                             data: Vec::new(),
+                            size: 0,
                             bdat: false,
                         });
                         self.mail_flushes = Some(self.flushes);
@@ -600,6 +609,8 @@ impl Session {
                     let mut scratch = Vec::new();
                     rx.ingest(&mut b"\r\n".iter(), &mut scratch);
                     let mut data = Vec::new();
+                    let retain = self.retain();
+                    let mut size = 0usize;
                     loop {
                         let mut it = buf.iter();
                         let done = rx.ingest(&mut it, &mut data);
@@ -608,7 +619,11 @@ impl Session {
                         if done {
                             break;
                         }
-                        if data.len() > MAX_SIZE * 2 {
+                        if !retain {
+                            // Count and drop: a huge message costs no memory.
+                            size += data.len();
+                            data.clear();
+                        } else if data.len() > MAX_SIZE * 2 {
                             self.reply("552 5.3.4 message too big");
                             self.flush(stream).await?;
                             return Ok(());
@@ -617,7 +632,9 @@ impl Session {
                             return Ok(());
                         }
                     }
-                    self.env.as_mut().expect("checked").data = data;
+                    let env = self.env.as_mut().expect("checked");
+                    env.size = size + data.len();
+                    env.data = data;
                     self.finish_message().await;
                 }
                 Ok(Request::Bdat {
@@ -644,8 +661,12 @@ impl Session {
                             return Ok(());
                         }
                         let n = left.min(buf.len());
+                        let retain = self.retain();
                         let env = self.env.as_mut().expect("checked");
-                        env.data.extend_from_slice(&buf[..n]);
+                        if retain {
+                            env.data.extend_from_slice(&buf[..n]);
+                        }
+                        env.size += n;
                         env.bdat = true;
                         buf.advance(n);
                         left -= n;
@@ -792,7 +813,7 @@ impl Session {
                 .map(|r| format!("<{r}>"))
                 .collect::<Vec<_>>()
                 .join(" "),
-            env.data.len()
+            env.size
         );
         if let Some(dir) = &o.dir {
             let msg = dir.join(format!("{n:08}.eml"));
