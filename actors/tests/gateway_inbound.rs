@@ -1380,15 +1380,24 @@ async fn client_follows_redirects() {
     let (fake, base) = start_fake().await;
     // Every route under /r answers 308 to the same path without it.
     let mut t = client_tx(&format!("{base}/r/senders/gw/transactions")).await;
-    t.put_chunk(Bytes::from_static(b"hi\r\n"), true)
+    // A stream of uneven pieces becomes 8-byte PUTs (redirected too).
+    let pieces = ["hel", "lo, world", "!\r\n", "hi\r\n"]
+        .map(|p: &'static str| Bytes::from_static(p.as_bytes()));
+    t.put_body(futures_util::stream::iter(pieces))
         .await
         .unwrap();
+    let puts: Vec<String> = fake
+        .puts()
+        .into_iter()
+        .map(|p| p.0.or(p.1).unwrap())
+        .collect();
+    assert_eq!(puts, vec!["bytes 0-7/*", "bytes 8-15/*", "bytes 16-18/19"]);
     let d = t
         .wait_data(Instant::now() + Duration::from_secs(5))
         .await
         .unwrap();
     assert_eq!(d.code, 250);
-    assert_eq!(fake.body(), b"hi\r\n");
+    assert_eq!(fake.body(), b"hello, world!\r\nhi\r\n");
     assert_eq!(fake.creates().len(), 1);
 }
 
