@@ -182,6 +182,16 @@ impl GatewayTransaction {
     }
 
     fn gc(&mut self, ctx: &mut Context<Self>) {
+        // A delivery that died without reporting its end (a panic): fail what is missing.
+        if self.delivery.as_ref().is_some_and(|d| !d.addr.connected()) {
+            tracing::error!(id = %self.state.id, "delivery actor crashed");
+            self.delivery = None;
+            let crashed = Response::new(450, "4.3.0 internal error: delivery crashed");
+            self.ended = Some(crashed.clone());
+            if !self.state.tx.cancelled && self.state.fill_missing(&crashed) {
+                self.publish();
+            }
+        }
         let idle = self.last_activity.elapsed();
         if self.state.done() {
             if idle >= self.shared.gc_done_ttl {
