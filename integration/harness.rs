@@ -119,9 +119,13 @@ sender:
   tag:
   - name: dsn
     notification: null
+  - name: relay
+    retry: null
+    notification: null
 - name: smtp
   output_chain: smtp
   upstream_sender: submission
+  upstream_tag: relay
 endpoint:
 - name: submission
   output_handler:

@@ -57,7 +57,7 @@ impl<'de> Deserialize<'de> for HostPort {
 }
 
 /// The principal a transaction was submitted as, and its optional sub-selector.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sender {
     pub name: String,

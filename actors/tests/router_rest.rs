@@ -5,31 +5,61 @@ use std::time::{Duration, Instant};
 
 use awc::Client;
 use awc::http::StatusCode;
-use koukan_actors::router::{Crash, Router, SenderError, SenderPolicy, SenderResolver, Settings};
-use koukan_db::Backend;
+use koukan::config::RouterConfig;
+use koukan_actors::router::{Crash, Router, Settings};
 use serde_json::{Value, json};
 
 /// `submission`: first-class REST (retry + notification); `smtp` with tag `mx`: incremental.
-struct Senders;
-
-impl SenderResolver for Senders {
-    fn resolve(&self, sender: &str, tag: Option<&str>) -> Result<SenderPolicy, SenderError> {
-        match (sender, tag) {
-            ("submission", None) => Ok(SenderPolicy {
-                incremental: false,
-                retry: true,
-                notification: true,
-            }),
-            ("submission", Some(_)) => Err(SenderError::NoTags),
-            ("smtp", None | Some("mx")) => Ok(SenderPolicy {
-                incremental: true,
-                retry: false,
-                notification: false,
-            }),
-            ("smtp", Some(_)) => Err(SenderError::UnknownTag),
-            _ => Err(SenderError::UnknownSender),
-        }
-    }
+/// Deliveries go to a destination that accepts connections and never answers, so nothing
+/// upstream changes a transaction while these tests look at the REST surface.
+fn config(port: u16, db: &std::path::Path, sink: u16) -> Arc<RouterConfig> {
+    let yaml = format!(
+        r#"global:
+  mailer_daemon_mailbox: mailer-daemon@example.com
+rest_listener:
+  addr: ["127.0.0.1", {port}]
+  session_uri: http://127.0.0.1:{port}
+  chunk_size: 8
+sender:
+- name: submission
+  output_chain: submission
+  retry: output_chain
+  notification: output_chain
+  tag:
+  - name: dsn
+    notification: null
+  - name: relay
+    retry: null
+    notification: null
+- name: smtp
+  output_chain: smtp
+  upstream_sender: submission
+  upstream_tag: relay
+  tag:
+  - name: mx
+endpoint:
+- name: submission
+  output_handler:
+    retry_params: {{}}
+    notification:
+      sender: submission
+      tag: dsn
+  chain:
+  - filter: rest_output
+    static_endpoint: http://127.0.0.1:{sink}/senders/x/transactions
+    rcpt_timeout: 120
+- name: smtp
+  output_handler:
+    downstream_timeout: 120
+  chain:
+  - filter: exploder
+    rcpt_timeout: 120
+storage:
+  url: sqlite:///{db}
+"#,
+        db = db.display()
+    );
+    Arc::new(RouterConfig::from_yaml_str(&yaml).unwrap())
 }
 
 struct TestRouter {
@@ -37,19 +67,18 @@ struct TestRouter {
     base: String,
     client: Client,
     _dir: tempfile::TempDir,
+    _silent: std::net::TcpListener,
 }
 
 async fn start_router() -> TestRouter {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut settings = Settings::new(
-        &format!("127.0.0.1:{port}"),
-        &base,
-        Backend::Sqlite(dir.path().join("router.sqlite3")),
-        Arc::new(Senders),
-    );
-    settings.chunk_size = 8;
+    // A destination that takes connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink = silent.local_addr().unwrap().port();
+    let cfg = config(port, &dir.path().join("router.sqlite3"), sink);
+    let mut settings = Settings::from_config(cfg).unwrap();
     settings.http_workers = 2;
     let (router, server) = Router::start(settings).await.unwrap();
     actix_rt::spawn(server);
@@ -58,6 +87,7 @@ async fn start_router() -> TestRouter {
         base,
         client: Client::builder().timeout(Duration::from_secs(40)).finish(),
         _dir: dir,
+        _silent: silent,
     }
 }
 
@@ -175,10 +205,11 @@ async fn create_read_and_long_poll() {
     assert!(location.starts_with(&format!("{}/transactions/", r.base)));
     let id = location.rsplit('/').next().unwrap().to_string();
     assert_eq!(id.len(), 22);
-    assert_eq!(created.etag(), "1");
+    // Created with its first attempt started, in one commit.
+    let v = created.etag();
     assert_eq!(
         created.json(),
-        json!({"mail_from": {}, "rcpt_to": [{}],
+        json!({"mail_from": {}, "rcpt_to": [{}], "attempt_count": 1,
                "body": {"blob_status": {"uri": format!("{}/transactions/{id}/body", r.base), "finalized": true}},
                "notification": {}, "retry": {}, "sender": {}})
     );
@@ -186,19 +217,20 @@ async fn create_read_and_long_poll() {
     // Point read.
     let read = r.get(&location, &[]).await;
     assert_eq!(read.status, StatusCode::OK);
-    assert_eq!(read.etag(), "1");
+    assert_eq!(read.etag(), v);
     assert_eq!(read.json(), created.json());
 
     // A long poll on the current version times out with an empty 304 echoing the etag.
     let started = Instant::now();
+    let quoted = format!("\"{v}\"");
     let unchanged = r
         .get(
             &location,
-            &[("if-none-match", "\"1\""), ("request-timeout", "1")],
+            &[("if-none-match", quoted.as_str()), ("request-timeout", "1")],
         )
         .await;
     assert_eq!(unchanged.status, StatusCode::NOT_MODIFIED);
-    assert_eq!(unchanged.etag(), "\"1\"");
+    assert_eq!(unchanged.etag(), quoted);
     assert!(unchanged.body.is_empty());
     assert!(started.elapsed() >= Duration::from_millis(900));
 
@@ -207,20 +239,19 @@ async fn create_read_and_long_poll() {
     assert_eq!(stale.status, StatusCode::OK);
 
     // A long poll wakes up when the version moves (here a heartbeat from another request).
-    let poll = r.get(
-        &location,
-        &[("if-none-match", "1"), ("request-timeout", "10")],
-    );
+    let poll_headers = [("if-none-match", v.as_str()), ("request-timeout", "10")];
+    let poll = r.get(&location, &poll_headers);
     let beat = async {
         actix_rt::time::sleep(Duration::from_millis(200)).await;
-        r.patch(&location, "1", None).await
+        r.patch(&location, &v, None).await
     };
     let started = Instant::now();
     let (polled, beat) = futures_util::join!(poll, beat);
     assert_eq!(beat.status, StatusCode::OK, "{}", beat.text());
-    assert_eq!(beat.etag(), "2");
+    let next = (v.parse::<i64>().unwrap() + 1).to_string();
+    assert_eq!(beat.etag(), next);
     assert_eq!(polled.status, StatusCode::OK);
-    assert_eq!(polled.etag(), "2");
+    assert_eq!(polled.etag(), next);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
@@ -242,10 +273,29 @@ async fn incremental_dialect() {
     assert_eq!(
         created.json(),
         json!({"remote_host": ["127.0.0.1", 41066], "local_host": ["127.0.0.1", 1025],
-               "mail_from": {}, "body": {"blob_status": {"uri": format!("{}/transactions/{id}/body", r.base)}},
+               "mail_from": {}, "attempt_count": 1,
+               "body": {"blob_status": {"uri": format!("{}/transactions/{id}/body", r.base)}},
                "sender": {}})
     );
+    // The exploder answers MAIL by itself.
     let mut etag = created.etag();
+    let mut read = r.get(&loc, &[]).await;
+    etag = read.etag();
+    while read.json().get("mail_response").is_none() {
+        read = r
+            .get(
+                &loc,
+                &[("if-none-match", etag.as_str()), ("request-timeout", "5")],
+            )
+            .await;
+        if read.status == StatusCode::OK {
+            etag = read.etag();
+        }
+    }
+    assert_eq!(
+        read.json()["mail_response"],
+        json!({"code": 250, "message": "MAIL ok (exploder noop)"})
+    );
 
     let p = r
         .patch(

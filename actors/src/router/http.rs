@@ -21,6 +21,7 @@ use koukan_db::{
 };
 
 use super::error::RestError;
+use super::output::Output;
 use super::registry::Registry;
 use super::settings::{SenderError, Settings};
 use super::transaction::{Appended, Cancel, Open, Opened, Patch, Reload, TransactionActor};
@@ -32,6 +33,7 @@ pub struct State {
     pub settings: Arc<Settings>,
     pub storage: Storage,
     pub registry: Registry,
+    pub output: Arc<Output>,
 }
 
 type Data = web::Data<State>;
@@ -213,13 +215,17 @@ async fn create(
             NewBody::MessageBuilder { spec, blobs }
         }
     };
+    // Cut-through: the attempt starts here when there is capacity; otherwise the
+    // transaction waits, unleased, for the dequeuer.
+    let leased = state.output.has_capacity();
     let mut attempt = 0;
     let record = loop {
         let new = NewTransaction {
             rest_id: rest_id::new_rest_id(state.settings.rest_id_entropy),
             tx: tx.clone(),
             body: body.clone(),
-            leased: true,
+            leased,
+            start_attempt: leased,
         };
         match state.storage.create(new).await {
             Ok(record) => break record,
@@ -228,12 +234,17 @@ async fn create(
             Err(e) => return Err(e.into()),
         }
     };
+    if !leased {
+        state.output.kick_dequeue();
+    }
     let location = format!(
         "{}/transactions/{}",
         state.settings.session_uri, record.rest_id
     );
     let mut resp = read_response(StatusCode::CREATED, &state.settings, &record);
-    state.registry.start(record);
+    if leased {
+        state.output.deliver(record);
+    }
     resp.headers_mut().insert(
         actix_web::http::header::LOCATION,
         location

@@ -3,6 +3,7 @@
 mod error;
 mod housekeeping;
 mod http;
+pub mod output;
 mod registry;
 mod settings;
 mod transaction;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use actix::Actor;
 use actix_web::{App, HttpServer, dev::ServerHandle, web};
 use koukan_db::{Storage, StorageError, StorageOptions};
+use output::Output;
 use thiserror::Error;
 
 pub use housekeeping::Housekeeper;
@@ -40,6 +42,7 @@ pub struct Router {
     pub addr: SocketAddr,
     pub storage: Storage,
     pub registry: Registry,
+    pub output: Arc<Output>,
     server: ServerHandle,
     housekeeper: actix::Addr<Housekeeper>,
 }
@@ -61,6 +64,20 @@ impl Router {
         )
         .await?;
         let registry = Registry::new(storage.clone(), settings.clone());
+        let filters = output::builtin_filters();
+        filters
+            .check(&settings.config)
+            .map_err(|e| RouterError::Config(e.to_string()))?;
+        let output = Output::new(
+            storage.clone(),
+            registry.clone(),
+            settings.config.clone(),
+            settings.clone(),
+            filters,
+        );
+        if settings.config.global.dequeue {
+            output.start_dequeuer();
+        }
         let housekeeper = Housekeeper::new(storage.clone(), settings.clone()).start();
 
         let listener =
@@ -78,6 +95,7 @@ impl Router {
             settings: settings.clone(),
             storage: storage.clone(),
             registry: registry.clone(),
+            output: output.clone(),
         });
         let server =
             HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
@@ -98,6 +116,7 @@ impl Router {
                 addr,
                 storage,
                 registry,
+                output,
                 server: handle,
                 housekeeper,
             },

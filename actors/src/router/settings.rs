@@ -61,6 +61,7 @@ impl Tls {
 
 #[derive(Clone)]
 pub struct Settings {
+    pub config: Arc<RouterConfig>,
     /// `host:port` to bind (port 0 picks one).
     pub listen: String,
     pub tls: Option<Tls>,
@@ -85,32 +86,6 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Defaults for everything but the essentials (tests build on this).
-    pub fn new(
-        listen: &str,
-        session_uri: &str,
-        backend: Backend,
-        senders: Arc<dyn SenderResolver>,
-    ) -> Self {
-        Settings {
-            listen: listen.to_string(),
-            tls: None,
-            session_uri: session_uri.trim_end_matches('/').to_string(),
-            service_uri: session_uri.trim_end_matches('/').to_string(),
-            chunk_size: 1 << 20,
-            rest_id_entropy: 16,
-            backend,
-            senders,
-            session_refresh_interval: Duration::from_secs(30),
-            gc_interval: None,
-            gc_ttl: Duration::from_secs(86400),
-            blob_tx_refresh_interval: Duration::from_secs(10),
-            actor_idle: Duration::from_secs(60),
-            http_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            json_limit: 64 << 20,
-        }
-    }
-
     /// Liveness timeout after which other replicas declare this one dead.
     pub fn session_ttl(&self) -> Duration {
         self.session_refresh_interval * 10
@@ -152,23 +127,26 @@ impl Settings {
         };
         let l = &cfg.rest_listener;
         let listen = koukan::HostPort::new(l.addr.host.clone(), l.addr.port).to_string();
-        let mut s = Settings::new(
-            &listen,
-            &l.session_uri,
+        Ok(Settings {
+            listen,
+            tls: l.tls.as_ref().map(|t| Tls {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+            }),
+            session_uri: l.session_uri.trim_end_matches('/').to_string(),
+            service_uri: l.service_uri.trim_end_matches('/').to_string(),
+            chunk_size: l.chunk_size,
+            rest_id_entropy: cfg.global.rest_id_entropy,
             backend,
-            Arc::new(ConfigSenders(cfg.clone())),
-        );
-        s.service_uri = l.service_uri.trim_end_matches('/').to_string();
-        s.tls = l.tls.as_ref().map(|t| Tls {
-            cert: t.cert.clone(),
-            key: t.key.clone(),
-        });
-        s.chunk_size = l.chunk_size;
-        s.rest_id_entropy = cfg.global.rest_id_entropy;
-        s.session_refresh_interval = cfg.storage.session_refresh_interval;
-        s.gc_interval = cfg.storage.gc_interval;
-        s.gc_ttl = cfg.storage.gc_ttl;
-        s.blob_tx_refresh_interval = cfg.storage.blob_tx_refresh_interval;
-        Ok(s)
+            senders: Arc::new(ConfigSenders(cfg.clone())),
+            session_refresh_interval: cfg.storage.session_refresh_interval,
+            gc_interval: cfg.storage.gc_interval,
+            gc_ttl: cfg.storage.gc_ttl,
+            blob_tx_refresh_interval: cfg.storage.blob_tx_refresh_interval,
+            actor_idle: Duration::from_secs(60),
+            http_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            json_limit: 64 << 20,
+            config: cfg,
+        })
     }
 }

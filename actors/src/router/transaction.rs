@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use koukan::Backoff;
 use koukan::Transaction;
 use koukan::transaction::Update;
-use koukan_db::{BlobInfo, CancelOutcome, Storage, StorageError, TxRecord};
+use koukan_db::{BlobInfo, CancelOutcome, Finish, Lease, Storage, StorageError, TxRecord};
 use tokio::sync::watch;
 
 use super::error::RestError;
@@ -323,5 +324,183 @@ impl Handler<Crash> for TransactionActor {
 
     fn handle(&mut self, _: Crash, _: &mut Self::Context) {
         panic!("transaction actor {} asked to crash", self.record.rest_id);
+    }
+}
+
+/// Writes of the attempt running in this process: its responses so far, or its end.
+/// Going through the actor keeps one writer per transaction in this process, so the
+/// version it holds is current and the write does not race the client's updates.
+#[derive(Message)]
+#[rtype(result = "Result<Arc<TxRecord>, StorageError>")]
+pub struct AttemptWrite {
+    pub lease: Lease,
+    pub responses: Transaction,
+    pub finish: Option<Finish>,
+}
+
+/// Conflicts are retried after a reload; more than this many means something is wrong.
+const WRITE_TRIES: u32 = 5;
+
+impl Handler<AttemptWrite> for TransactionActor {
+    type Result = AtomicResponse<Self, Result<Arc<TxRecord>, StorageError>>;
+
+    fn handle(&mut self, msg: AttemptWrite, _: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        let storage = self.storage.clone();
+        let record = self.record.clone();
+        let work = async move {
+            let mut record = (*record).clone();
+            for i in 0..WRITE_TRIES {
+                let res = match &msg.finish {
+                    None => storage
+                        .write_attempt(record.id, record.version, msg.lease, &msg.responses)
+                        .await
+                        .map(Some),
+                    Some(f) => storage
+                        .finish_attempt(record.id, record.version, msg.lease, f.clone())
+                        .await
+                        .map(|_| None),
+                };
+                match res {
+                    Ok(Some(version)) => {
+                        record.version = version;
+                        record.tx.mail_response = msg.responses.mail_response.clone();
+                        record.tx.rcpt_response = msg.responses.rcpt_response.clone();
+                        record.tx.data_response = msg.responses.data_response.clone();
+                        return Ok(record);
+                    }
+                    // The end of an attempt changes the lease and maybe the final reason:
+                    // read back what storage decided.
+                    Ok(None) => {
+                        return storage
+                            .load_id(record.id)
+                            .await?
+                            .ok_or(StorageError::NotFound);
+                    }
+                    Err(StorageError::Conflict) => {
+                        tokio::time::sleep(Backoff::conflict_pause(i)).await;
+                        record = storage
+                            .load_id(record.id)
+                            .await?
+                            .ok_or(StorageError::NotFound)?;
+                        // Fenced: the lease moved (recovery); this attempt is void.
+                        if record.lease != Some(msg.lease) {
+                            return Err(StorageError::Conflict);
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(StorageError::Conflict)
+        };
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(|res, act, _| {
+            act.publish(res?);
+            Ok(act.record.clone())
+        })))
+    }
+}
+
+/// Turns on retries and bounces (the exploder storing and forwarding a recipient).
+#[derive(Message)]
+#[rtype(result = "Result<Arc<TxRecord>, StorageError>")]
+pub struct EnableRetry;
+
+impl Handler<EnableRetry> for TransactionActor {
+    type Result = AtomicResponse<Self, Result<Arc<TxRecord>, StorageError>>;
+
+    fn handle(&mut self, _: EnableRetry, _: &mut Self::Context) -> Self::Result {
+        self.versioned_write(|s, r| async move {
+            let mut envelope = r.tx.clone();
+            envelope.retry = true;
+            envelope.notification = true;
+            s.write_envelope(r.id, r.version, &envelope).await
+        })
+    }
+}
+
+/// The current copy.
+#[derive(Message)]
+#[rtype(result = "Arc<TxRecord>")]
+pub struct Snapshot;
+
+impl Handler<Snapshot> for TransactionActor {
+    type Result = MessageResult<Snapshot>;
+
+    fn handle(&mut self, _: Snapshot, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.record.clone())
+    }
+}
+
+/// A keep-alive from inside the router (the exploder forwarding a downstream heartbeat to
+/// a recipient's transaction).
+#[derive(Message)]
+#[rtype(result = "Result<Arc<TxRecord>, StorageError>")]
+pub struct Ping;
+
+/// Gives the transaction its body (the exploder passing on the downstream body).
+#[derive(Message)]
+#[rtype(result = "Result<Arc<TxRecord>, StorageError>")]
+pub struct AttachBody(pub koukan_db::NewBody);
+
+impl TransactionActor {
+    /// Runs a versioned write with the current version, reloading and retrying on
+    /// conflict, and publishes the result.
+    fn versioned_write<F, Fut>(
+        &mut self,
+        write: F,
+    ) -> AtomicResponse<Self, Result<Arc<TxRecord>, StorageError>>
+    where
+        F: Fn(Storage, TxRecord) -> Fut + 'static,
+        Fut: Future<Output = Result<i64, StorageError>> + 'static,
+    {
+        self.last_activity = Instant::now();
+        let storage = self.storage.clone();
+        let record = self.record.clone();
+        let work = async move {
+            let mut record = (*record).clone();
+            for i in 0..WRITE_TRIES {
+                match write(storage.clone(), record.clone()).await {
+                    Ok(_) => {
+                        return storage
+                            .load_id(record.id)
+                            .await?
+                            .ok_or(StorageError::NotFound);
+                    }
+                    Err(StorageError::Conflict) => {
+                        tokio::time::sleep(Backoff::conflict_pause(i)).await;
+                        record = storage
+                            .load_id(record.id)
+                            .await?
+                            .ok_or(StorageError::NotFound)?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(StorageError::Conflict)
+        };
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(|res, act, _| {
+            act.publish(res?);
+            Ok(act.record.clone())
+        })))
+    }
+}
+
+impl Handler<Ping> for TransactionActor {
+    type Result = AtomicResponse<Self, Result<Arc<TxRecord>, StorageError>>;
+
+    fn handle(&mut self, _: Ping, _: &mut Self::Context) -> Self::Result {
+        self.versioned_write(|s, r| async move { s.ping(r.id, r.version).await })
+    }
+}
+
+impl Handler<AttachBody> for TransactionActor {
+    type Result = AtomicResponse<Self, Result<Arc<TxRecord>, StorageError>>;
+
+    fn handle(&mut self, msg: AttachBody, _: &mut Self::Context) -> Self::Result {
+        let body = msg.0;
+        self.versioned_write(move |s, r| {
+            let body = body.clone();
+            async move { s.set_body(r.id, r.version, body).await }
+        })
     }
 }

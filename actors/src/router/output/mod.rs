@@ -1,0 +1,180 @@
+//! The output path: one [`Delivery`] actor per attempt drives a transaction through its
+//! output chain; the [`Dequeuer`] starts attempts that are due.
+
+mod blob;
+pub mod chains;
+mod delivery;
+mod dequeue;
+mod dsn;
+pub mod exploder;
+mod notify;
+pub mod rest_output;
+
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::{Actor, Addr};
+use koukan::config::RouterConfig;
+use koukan_db::{Storage, TxRecord};
+
+pub use chains::{BuildContext, BuildError, FilterFactory, Filters, OutputParams};
+pub use delivery::Delivery;
+pub use dequeue::{Dequeuer, Kick};
+
+use koukan::config::FilterConfig;
+
+use super::registry::Registry;
+use super::settings::Settings;
+use super::transaction::TransactionActor;
+
+/// Shared by every delivery of a router process.
+pub struct Output {
+    pub storage: Storage,
+    pub registry: Registry,
+    pub config: Arc<RouterConfig>,
+    pub settings: Arc<Settings>,
+    pub filters: Filters,
+    /// Seconds added to the database clock: tests move time without sleeping.
+    clock_offset: AtomicI64,
+    active: AtomicUsize,
+    max_active: usize,
+    dequeuer: Mutex<Option<Addr<Dequeuer>>>,
+}
+
+impl Output {
+    pub fn new(
+        storage: Storage,
+        registry: Registry,
+        config: Arc<RouterConfig>,
+        settings: Arc<Settings>,
+        filters: Filters,
+    ) -> Arc<Output> {
+        let max_active = config.global.output_executor.max_inflight.max(1);
+        Arc::new(Output {
+            storage,
+            registry,
+            config,
+            settings,
+            filters,
+            clock_offset: AtomicI64::new(0),
+            active: AtomicUsize::new(0),
+            max_active,
+            dequeuer: Mutex::new(None),
+        })
+    }
+
+    /// Starts the dequeuer (with `global.dequeue`).
+    pub fn start_dequeuer(self: &Arc<Self>) {
+        let addr = Dequeuer::new(self.clone()).start();
+        *self.dequeuer.lock().unwrap() = Some(addr);
+    }
+
+    pub fn kick_dequeue(&self) {
+        if let Some(d) = &*self.dequeuer.lock().unwrap() {
+            d.do_send(Kick);
+        }
+    }
+
+    pub fn has_capacity(&self) -> bool {
+        self.active.load(Ordering::Relaxed) < self.max_active
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Runs the attempt this process holds on `record` (cut-through or dequeued); returns
+    /// the transaction's actor.
+    pub fn deliver(self: &Arc<Self>, record: TxRecord) -> Addr<TransactionActor> {
+        let tx_actor = self.registry.start(record);
+        let this = self.clone();
+        let actor = tx_actor.clone();
+        this.active.fetch_add(1, Ordering::Relaxed);
+        // The delivery reads the record back from the actor it just installed.
+        actix::spawn(async move {
+            let record = actor.send(super::transaction::Snapshot).await;
+            match record
+                .ok()
+                .and_then(|r| Delivery::new(this.clone(), actor, r))
+            {
+                Some(d) => {
+                    d.start();
+                }
+                None => this.delivery_ended(),
+            }
+        });
+        tx_actor
+    }
+
+    pub(crate) fn delivery_ended(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.kick_dequeue();
+    }
+
+    /// The database clock (plus the test offset), Unix seconds.
+    pub async fn now(&self) -> i64 {
+        let db = match self.storage.now().await {
+            Ok(t) => t,
+            Err(_) => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        };
+        db + self.clock_offset.load(Ordering::Relaxed)
+    }
+
+    /// Moves this process's clock (tests of retry timing).
+    pub fn shift_clock(&self, secs: i64) {
+        self.clock_offset.fetch_add(secs, Ordering::Relaxed);
+    }
+
+    /// The longest `bug_retry` of any chain: used when an attempt dies without knowing its own.
+    pub(crate) fn bug_retry_hint(&self) -> Duration {
+        self.config
+            .endpoints
+            .iter()
+            .filter_map(|e| e.retry_params().map(|r| r.bug_retry))
+            .max()
+            .unwrap_or(Duration::from_secs(3600))
+    }
+}
+
+/// The filters this build provides, by configuration name.
+pub fn builtin_filters() -> Filters {
+    let mut f = Filters::default();
+    f.register(
+        "rest_output",
+        |cfg: &FilterConfig, ctx: &BuildContext<'_>| match cfg {
+            FilterConfig::RestOutput(c) => {
+                Ok(Some(Box::new(rest_output::RestOutput::new(c.clone())) as _))
+            }
+            _ => Err(BuildError::Invalid {
+                path: ctx.path.to_string(),
+                reason: "not a rest_output entry".into(),
+            }),
+        },
+    );
+    f.register(
+        "exploder",
+        |cfg: &FilterConfig, ctx: &BuildContext<'_>| match cfg {
+            FilterConfig::Exploder(c) => {
+                let upstream =
+                    ctx.sender
+                        .upstream(ctx.config)
+                        .map_err(|e| BuildError::Invalid {
+                            path: ctx.path.to_string(),
+                            reason: format!("exploder upstream sender: {e}"),
+                        })?;
+                let sender = koukan::Sender::new(upstream.name, upstream.tag);
+                Ok(Some(
+                    Box::new(exploder::Exploder::new(ctx.output.clone(), c, sender)) as _,
+                ))
+            }
+            _ => Err(BuildError::Invalid {
+                path: ctx.path.to_string(),
+                reason: "not an exploder entry".into(),
+            }),
+        },
+    );
+    f
+}
