@@ -431,7 +431,7 @@ X-Custom: 1\r\n\r\nhello, world!\r\nline two\r\n";
         let mut t = chain_tx(body(MSG));
         chain.update(&mut t).await;
         chain.update(&mut t).await;
-        let seen = seen.borrow();
+        let seen = seen.borrow().clone();
         let got = seen[0].as_ref().unwrap();
         assert!(got.starts_with(b"DKIM-Signature: "));
         assert!(got.ends_with(MSG));

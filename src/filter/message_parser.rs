@@ -793,6 +793,13 @@ References: <a@b> <c@d>\r\n\r\nbody\r\n";
                 serde_json::to_string(&p.json).unwrap();
             }
         }
+        // No header/body separator: everything is body, no headers (as the reference).
+        let p = parse_message(b"just text\r\nmore\r\n", 100, &mut 0).unwrap();
+        assert_eq!(p.json["parts"]["headers"], json!([]));
+        assert_eq!(
+            p.json["parts"]["content"],
+            json!({"inline": "just text\nmore\n"})
+        );
         // Deep nesting: the subtree below the limit is one blob.
         let mut m = String::new();
         for i in 0..15 {
@@ -809,7 +816,8 @@ References: <a@b> <c@d>\r\n\r\nbody\r\n";
     }
 
     /// Records what it is given.
-    struct Sink(Rc<RefCell<Vec<(Option<Vec<u8>>, Option<Value>)>>>);
+    type Seen = Rc<RefCell<Vec<(Option<Vec<u8>>, Option<Value>)>>>;
+    struct Sink(Seen);
     impl Filter for Sink {
         fn on_update<'a>(&'a mut self, tx: &'a mut ChainTx, _: Next<'a>) -> LocalFuture<'a, ()> {
             Box::pin(async move {

@@ -58,10 +58,7 @@ struct Endpoints {
 impl Endpoints {
     fn new(
         list: &[RestEndpointConfig],
-        resolve_sender: &dyn Fn(
-            &str,
-            Option<&str>,
-        ) -> Option<(Option<String>, Option<ResolvedMeta>)>,
+        resolve_sender: &dyn Fn(&str, Option<&str>) -> Option<SenderOverrides>,
     ) -> Self {
         let table = list
             .iter()
@@ -99,6 +96,8 @@ impl Endpoints {
 }
 
 type ResolvedMeta = serde_json::Map<String, serde_json::Value>;
+/// `remote_host` and `smtp_meta` of a destination's sender, if it is configured here.
+type SenderOverrides = (Option<String>, Option<ResolvedMeta>);
 
 fn short_circuit_host(h: &str) -> HostPort {
     if let Some((host, port)) = h.rsplit_once(':')
