@@ -30,6 +30,8 @@ pub struct BuildContext<'a> {
     pub output: &'a Arc<Output>,
     /// Key path of the entry (for errors).
     pub path: &'a str,
+    /// Shared by the `router` filters of one chain: which recipients are routed.
+    pub marks: &'a koukan::filter::router::RoutingMarks,
 }
 
 /// Builds one kind of filter. `Ok(None)` leaves the entry out of the chain.
@@ -148,6 +150,7 @@ pub fn build(
             reason: format!("no output chain {:?}", sender.output_chain),
         })?;
     let mut filters: Vec<Box<dyn Filter>> = Vec::with_capacity(endpoint.chain.len());
+    let marks = koukan::filter::router::RoutingMarks::default();
     for (j, f) in endpoint.chain.iter().enumerate() {
         let path = format!("endpoint[{index}].chain[{j}]");
         let factory = output
@@ -162,6 +165,7 @@ pub fn build(
             sender: &sender,
             output,
             path: &path,
+            marks: &marks,
         };
         if let Some(filter) = factory.build(f, &ctx)? {
             filters.push(filter);

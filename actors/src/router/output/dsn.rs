@@ -111,6 +111,7 @@ impl Dsn<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mail_parser::MimeHeaders;
 
     #[test]
     fn report_parses_as_multipart_report() {

@@ -141,40 +141,110 @@ impl Output {
 
 /// The filters this build provides, by configuration name.
 pub fn builtin_filters() -> Filters {
-    let mut f = Filters::default();
-    f.register(
+    use koukan::filter as f;
+    let mut filters = Filters::default();
+    fn invalid(ctx: &BuildContext<'_>, e: impl std::fmt::Display) -> BuildError {
+        BuildError::Invalid {
+            path: ctx.path.to_string(),
+            reason: e.to_string(),
+        }
+    }
+    fn mismatch(ctx: &BuildContext<'_>) -> BuildError {
+        invalid(ctx, "entry does not match its filter name")
+    }
+    type Built = Result<Option<Box<dyn koukan::filter::Filter>>, BuildError>;
+    filters.register(
         "rest_output",
-        |cfg: &FilterConfig, ctx: &BuildContext<'_>| match cfg {
-            FilterConfig::RestOutput(c) => {
-                Ok(Some(Box::new(rest_output::RestOutput::new(c.clone())) as _))
+        |cfg: &FilterConfig, ctx: &BuildContext<'_>| -> Built {
+            match cfg {
+                FilterConfig::RestOutput(c) => {
+                    Ok(Some(Box::new(rest_output::RestOutput::new(c.clone()))))
+                }
+                _ => Err(mismatch(ctx)),
             }
-            _ => Err(BuildError::Invalid {
-                path: ctx.path.to_string(),
-                reason: "not a rest_output entry".into(),
-            }),
         },
     );
-    f.register(
+    filters.register(
         "exploder",
-        |cfg: &FilterConfig, ctx: &BuildContext<'_>| match cfg {
-            FilterConfig::Exploder(c) => {
-                let upstream =
-                    ctx.sender
+        |cfg: &FilterConfig, ctx: &BuildContext<'_>| -> Built {
+            match cfg {
+                FilterConfig::Exploder(c) => {
+                    let upstream = ctx
+                        .sender
                         .upstream(ctx.config)
-                        .map_err(|e| BuildError::Invalid {
-                            path: ctx.path.to_string(),
-                            reason: format!("exploder upstream sender: {e}"),
-                        })?;
-                let sender = koukan::Sender::new(upstream.name, upstream.tag);
-                Ok(Some(
-                    Box::new(exploder::Exploder::new(ctx.output.clone(), c, sender)) as _,
-                ))
+                        .map_err(|e| invalid(ctx, format!("exploder upstream sender: {e}")))?;
+                    let sender = koukan::Sender::new(upstream.name, upstream.tag);
+                    Ok(Some(Box::new(exploder::Exploder::new(
+                        ctx.output.clone(),
+                        c,
+                        sender,
+                    ))))
+                }
+                _ => Err(mismatch(ctx)),
             }
-            _ => Err(BuildError::Invalid {
-                path: ctx.path.to_string(),
-                reason: "not an exploder entry".into(),
-            }),
         },
     );
-    f
+    filters.register(
+        "router",
+        |cfg: &FilterConfig, ctx: &BuildContext<'_>| -> Built {
+            match cfg {
+                FilterConfig::Router(c) => f::router::Router::new(c, ctx.config, ctx.marks)
+                    .map(|r| Some(Box::new(r) as _))
+                    .map_err(|e| invalid(ctx, e)),
+                _ => Err(mismatch(ctx)),
+            }
+        },
+    );
+    filters.register(
+        "dns_resolution",
+        |cfg: &FilterConfig, ctx: &BuildContext<'_>| -> Built {
+            match cfg {
+                FilterConfig::DnsResolution(c) => f::dns_resolution::DnsResolution::new(c)
+                    .map(|r| Some(Box::new(r) as _))
+                    .map_err(|e| invalid(ctx, e)),
+                _ => Err(mismatch(ctx)),
+            }
+        },
+    );
+    filters.register(
+        "received_header",
+        |cfg: &FilterConfig, ctx: &BuildContext<'_>| -> Built {
+            match cfg {
+                FilterConfig::ReceivedHeader(c) => f::received_header::ReceivedHeader::new(c)
+                    .map(|r| Some(Box::new(r) as _))
+                    .map_err(|e| invalid(ctx, e)),
+                _ => Err(mismatch(ctx)),
+            }
+        },
+    );
+    filters.register(
+        "dkim_sign",
+        |cfg: &FilterConfig, ctx: &BuildContext<'_>| -> Built {
+            match cfg {
+                // Without a key the filter is left out, as configured.
+                FilterConfig::DkimSign(c) if !c.is_enabled() => Ok(None),
+                FilterConfig::DkimSign(c) => f::dkim_sign::DkimSign::new(c)
+                    .map(|r| Some(Box::new(r) as _))
+                    .map_err(|e| invalid(ctx, e)),
+                _ => Err(mismatch(ctx)),
+            }
+        },
+    );
+    filters.register(
+        "message_builder",
+        |_: &FilterConfig, ctx: &BuildContext<'_>| -> Built {
+            f::message_builder::MessageBuilder::new()
+                .map(|r| Some(Box::new(r) as _))
+                .map_err(|e| invalid(ctx, e))
+        },
+    );
+    filters.register(
+        "message_parser",
+        |_: &FilterConfig, ctx: &BuildContext<'_>| -> Built {
+            f::message_parser::MessageParser::new()
+                .map(|r| Some(Box::new(r) as _))
+                .map_err(|e| invalid(ctx, e))
+        },
+    );
+    filters
 }

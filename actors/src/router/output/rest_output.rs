@@ -13,6 +13,9 @@ use crate::client::{ClientError, ClientSettings, HttpClient, RestTransaction};
 pub struct RestOutput {
     cfg: RestOutputFilter,
     upstream: Option<RestTransaction>,
+    /// Downstream index of each recipient sent upstream, in upstream order: recipients an
+    /// earlier filter answered (rejected) are never sent.
+    sent: Vec<usize>,
     /// The create failed on every host: later runs change nothing.
     failed: bool,
     body_sent: bool,
@@ -23,6 +26,7 @@ impl RestOutput {
         RestOutput {
             cfg,
             upstream: None,
+            sent: Vec::new(),
             failed: false,
             body_sent: false,
         }
@@ -40,13 +44,13 @@ impl RestOutput {
     }
 
     /// What the destination gets: the envelope, presented as the route's sender.
-    fn create_tx(tx: &ChainTx, host: Option<&HostPort>) -> Transaction {
+    fn create_tx(tx: &ChainTx, host: Option<&HostPort>, rcpts: &[usize]) -> Transaction {
         let route = &tx.route;
         Transaction {
             remote_host: route.remote_host.clone().or_else(|| host.cloned()),
             local_host: tx.tx.local_host.clone(),
             mail_from: tx.tx.mail_from.clone(),
-            rcpt_to: tx.tx.rcpt_to.clone(),
+            rcpt_to: rcpts.iter().map(|i| tx.tx.rcpt_to[*i].clone()).collect(),
             smtp_meta: route.smtp_meta.clone().or_else(|| tx.tx.smtp_meta.clone()),
             sender: route.sender.clone(),
             ..Default::default()
@@ -56,6 +60,15 @@ impl RestOutput {
     /// Creates the upstream transaction, trying each next hop in order: the next one on an
     /// HTTP failure or a temporary MAIL failure (but the last host's answer stands).
     async fn start(&mut self, tx: &mut ChainTx) {
+        let pending: Vec<usize> = tx.pending_rcpts().collect();
+        if pending.is_empty() && !tx.tx.rcpt_to.is_empty() {
+            // Every recipient was answered before us (rejected): nothing to send.
+            if tx.tx.mail_response.is_none() {
+                tx.tx.mail_response =
+                    Some(koukan::Response::new(250, "MAIL ok (no recipient to send)"));
+            }
+            return;
+        }
         let Some(url) = self
             .cfg
             .static_endpoint
@@ -78,12 +91,11 @@ impl RestOutput {
             Some(list) if !list.is_empty() => list.iter().cloned().map(Some).collect(),
             _ => vec![None],
         };
-        let rcpts = tx.tx.rcpt_to.len();
         let mut last_err = None;
         for (i, host) in hosts.iter().enumerate() {
             let is_last = i + 1 == hosts.len();
             let deadline = Instant::now() + self.cfg.rcpt_timeout;
-            let create = Self::create_tx(tx, host.as_ref());
+            let create = Self::create_tx(tx, host.as_ref(), &pending);
             let mut upstream =
                 match RestTransaction::create(http.clone(), self.settings(), &url, &create, None)
                     .await
@@ -111,13 +123,14 @@ impl RestOutput {
                 continue;
             }
             tx.tx.mail_response = Some(mail);
-            for r in 0..rcpts {
+            for (u, d) in pending.iter().enumerate() {
                 let resp = upstream
-                    .wait_rcpt(r, deadline)
+                    .wait_rcpt(u, deadline)
                     .await
                     .unwrap_or_else(|e| e.response());
-                tx.set_rcpt_response(r, resp);
+                tx.set_rcpt_response(*d, resp);
             }
+            self.sent = pending;
             self.upstream = Some(upstream);
             return;
         }
@@ -132,29 +145,34 @@ impl RestOutput {
         let Some(upstream) = self.upstream.as_mut() else {
             return;
         };
-        let sent = upstream.rcpt_sent();
-        if tx.tx.rcpt_to.len() <= sent {
+        let new: Vec<usize> = tx
+            .pending_rcpts()
+            .filter(|i| !self.sent.contains(i))
+            .collect();
+        if new.is_empty() {
             return;
         }
+        let offset = upstream.rcpt_sent();
         let update = Update {
-            rcpt_to: tx.tx.rcpt_to[sent..].to_vec(),
-            rcpt_to_list_offset: sent,
+            rcpt_to: new.iter().map(|i| tx.tx.rcpt_to[*i].clone()).collect(),
+            rcpt_to_list_offset: offset,
             ..Default::default()
         };
         let deadline = Instant::now() + self.cfg.rcpt_timeout;
         if let Err(e) = upstream.update(&update).await {
-            for i in sent..tx.tx.rcpt_to.len() {
-                tx.set_rcpt_response(i, e.response());
+            for i in &new {
+                tx.set_rcpt_response(*i, e.response());
             }
             return;
         }
-        for i in sent..tx.tx.rcpt_to.len() {
+        for (k, d) in new.iter().enumerate() {
             let resp = upstream
-                .wait_rcpt(i, deadline)
+                .wait_rcpt(offset + k, deadline)
                 .await
                 .unwrap_or_else(|e| e.response());
-            tx.set_rcpt_response(i, resp);
+            tx.set_rcpt_response(*d, resp);
         }
+        self.sent.extend(new);
     }
 
     async fn send_body(&mut self, tx: &mut ChainTx) {
@@ -225,7 +243,13 @@ impl Filter for RestOutput {
             if tx.mail_failed() {
                 return;
             }
-            if !self.body_sent && tx.body_finalized() && tx.rcpt_ok() {
+            if !self.body_sent
+                && tx.body_finalized()
+                && self
+                    .sent
+                    .iter()
+                    .any(|i| tx.rcpt_response(*i).is_some_and(|r| r.ok()))
+            {
                 self.send_body(tx).await;
             } else if tx.heartbeat
                 && let Some(u) = self.upstream.as_mut()
@@ -250,14 +274,14 @@ mod tests {
         tx.tx.remote_host = Some(HostPort::new("10.1.1.1", 4444));
         tx.tx.sender = Some(Sender::new("submission", None));
         tx.route.sender = Some(Sender::new("router", Some("outbound".into())));
-        let c = RestOutput::create_tx(&tx, Some(&HostPort::new("127.0.0.1", 25)));
+        let c = RestOutput::create_tx(&tx, Some(&HostPort::new("127.0.0.1", 25)), &[0]);
         assert_eq!(
             c.remote_host,
             Some(HostPort::new("127.0.0.1", 25)),
             "never the client's address"
         );
         assert_eq!(c.sender, tx.route.sender);
-        let none = RestOutput::create_tx(&tx, None);
+        let none = RestOutput::create_tx(&tx, None, &[0]);
         assert_eq!(none.remote_host, None);
         assert_eq!(none.rcpt_to, tx.tx.rcpt_to);
     }
