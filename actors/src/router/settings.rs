@@ -143,7 +143,9 @@ impl Settings {
             gc_interval: cfg.storage.gc_interval,
             gc_ttl: cfg.storage.gc_ttl,
             blob_tx_refresh_interval: cfg.storage.blob_tx_refresh_interval,
-            actor_idle: Duration::from_secs(60),
+            // An idle actor is only a cache of durable state: keep it as long as the
+            // configured cache lifetime.
+            actor_idle: cfg.storage.cache_ttl.max(Duration::from_secs(1)),
             http_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             json_limit: 64 << 20,
             config: cfg,
