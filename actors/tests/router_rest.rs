@@ -278,9 +278,8 @@ async fn incremental_dialect() {
                "sender": {}})
     );
     // The exploder answers MAIL by itself.
-    let mut etag = created.etag();
     let mut read = r.get(&loc, &[]).await;
-    etag = read.etag();
+    let mut etag = read.etag();
     while read.json().get("mail_response").is_none() {
         read = r
             .get(

@@ -18,6 +18,9 @@ pub struct BodyError(pub String);
 pub trait BlobSource {
     /// Bytes available now.
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// All bytes are there (`len` is final).
     fn finalized(&self) -> bool;
     /// Up to `max` bytes from `offset`; empty at the end.
