@@ -88,6 +88,11 @@ fn load_roots(path: &std::path::Path, roots: &mut RootCertStore) -> Result<(), C
     Ok(())
 }
 
+/// A rustls client configuration honouring `verify` (also used by the SMTP tools).
+pub fn tls_client_config(verify: &TlsVerify) -> Result<ClientConfig, ClientError> {
+    tls_config(verify)
+}
+
 fn tls_config(verify: &TlsVerify) -> Result<ClientConfig, ClientError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()

@@ -18,7 +18,7 @@ use koukan::Response;
 use koukan::config::{GatewayRestOutput, TlsVerify};
 use thiserror::Error;
 
-pub use http::HttpClient;
+pub use http::{HttpClient, tls_client_config};
 pub use transaction::{Phase, RestTransaction};
 
 /// Timing and chunking of one client.
@@ -93,7 +93,14 @@ pub enum ClientError {
     Cancelled,
     #[error("RestEndpoint tls setup failed")]
     Tls { detail: String },
+    /// The message-builder POST of a `receive_parsing` delivery (`rest-api.md` §11.4), or
+    /// the blob list its answer should have carried.
+    #[error("RestEndpoint update_message_builder {what}")]
+    MessageBuilder { what: &'static str, detail: String },
 }
+
+/// `what` of a refused message-builder POST: the original's odd 400.
+pub const MESSAGE_BUILDER_HTTP_ERR: &str = "http err";
 
 impl ClientError {
     /// The transaction response this failure stands for (all temporary, except the two
@@ -101,6 +108,7 @@ impl ClientError {
     pub fn response(&self) -> Response {
         let code = match self {
             ClientError::NoEndpoint | ClientError::Cancelled => 550,
+            ClientError::MessageBuilder { what, .. } if *what == MESSAGE_BUILDER_HTTP_ERR => 400,
             _ => 450,
         };
         Response::new(code, self.to_string())
@@ -115,7 +123,8 @@ impl ClientError {
             | ClientError::UploadTransport { detail }
             | ClientError::BadRange { detail }
             | ClientError::RangeBeyond { detail }
-            | ClientError::Tls { detail } => format!("{self}: {detail}"),
+            | ClientError::Tls { detail }
+            | ClientError::MessageBuilder { detail, .. } => format!("{self}: {detail}"),
             ClientError::PutStatus { status } => format!("{self}: HTTP {status}"),
             _ => self.to_string(),
         }

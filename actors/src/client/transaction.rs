@@ -10,7 +10,7 @@ use koukan::range::{ContentRange, HeldRange};
 use koukan::rest::{ReadTx, render_create, render_update};
 use koukan::transaction::Update;
 use koukan::{HostPort, Response, Transaction};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::{ClientError, ClientSettings, HttpClient};
 
@@ -201,8 +201,28 @@ impl RestTransaction {
         tx: &Transaction,
         body: Option<&Value>,
     ) -> Result<RestTransaction, ClientError> {
+        Self::create_with(http, settings, url, tx, body, &Map::new()).await
+    }
+
+    /// [`create`](Self::create) with more top-level members in the POST (the router's
+    /// `filter_output`, `rest-api.md` §11.6).
+    pub async fn create_with(
+        http: HttpClient,
+        settings: ClientSettings,
+        url: &str,
+        tx: &Transaction,
+        body: Option<&Value>,
+        extra: &Map<String, Value>,
+    ) -> Result<RestTransaction, ClientError> {
         let err = |what: &'static str, detail: String| ClientError::Create { what, detail };
-        let json = Bytes::from(render_create(tx, body));
+        let mut json = render_create(tx, body);
+        if !extra.is_empty() {
+            let mut m: Map<String, Value> =
+                serde_json::from_slice(&json).expect("render_create emits an object");
+            m.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+            json = serde_json::to_vec(&m).expect("create serializes");
+        }
+        let json = Bytes::from(json);
         let req = http
             .awc
             .post(url)
@@ -542,6 +562,86 @@ impl RestTransaction {
         Ok(())
     }
 
+    /// PATCH `{"filter_output": …}`: the signals that changed since the create
+    /// (`rest-api.md` §11.6); the receiver merges them by key.
+    pub async fn update_filter_output(
+        &mut self,
+        filter_output: &Map<String, Value>,
+    ) -> Result<(), ClientError> {
+        if self.cancelled {
+            return Err(ClientError::Cancelled);
+        }
+        let mut m = Map::new();
+        m.insert("filter_output".into(), Value::Object(filter_output.clone()));
+        let body = Bytes::from(serde_json::to_vec(&m).expect("update serializes"));
+        self.patch_with_retry(Some(body), |_| true).await
+    }
+
+    /// `POST <body.message_builder.uri>` with the parsed message of a `receive_parsing`
+    /// delivery (`rest-api.md` §11.4); the answer lists where each blob goes
+    /// ([`blob_uri`](Self::blob_uri)). Unlike the original, the answer's etag is adopted.
+    pub async fn post_message_builder(&mut self, spec: &Value) -> Result<(), ClientError> {
+        if self.cancelled {
+            return Err(ClientError::Cancelled);
+        }
+        let err = |what: &'static str, detail: String| ClientError::MessageBuilder { what, detail };
+        let uri = self
+            .read
+            .body
+            .as_ref()
+            .and_then(|b| b.message_builder.as_ref())
+            .and_then(|m| m.uri.as_deref())
+            .map(|u| resolve(&self.url, u))
+            .ok_or_else(|| {
+                err(
+                    "bad resp no uri",
+                    "the receiver gave no body.message_builder.uri".into(),
+                )
+            })?;
+        let req = self
+            .http
+            .awc
+            .post(&uri)
+            .insert_header((header::CONTENT_TYPE, "application/json"))
+            .insert_header((header::IF_MATCH, self.etag.as_str()))
+            .insert_header((
+                "request-timeout",
+                request_timeout(self.settings.timeout).to_string(),
+            ));
+        let json = Bytes::from(serde_json::to_vec(spec).expect("spec serializes"));
+        let a = send(req, Some(json), self.settings.timeout)
+            .await
+            .map_err(|e| err(super::MESSAGE_BUILDER_HTTP_ERR, e.detail))?;
+        if a.status != StatusCode::OK {
+            return Err(err(
+                super::MESSAGE_BUILDER_HTTP_ERR,
+                format!("HTTP {}", a.status),
+            ));
+        }
+        let read = a.read_json().map_err(|d| err("bad resp json", d))?;
+        self.merge(read, false)
+            .map_err(|d| err("bad resp json", d))?;
+        if let Some(etag) = a.etag() {
+            self.etag = etag;
+        }
+        self.last_bump = Instant::now();
+        Ok(())
+    }
+
+    /// Where blob `id` of the posted message-builder spec is to be PUT, per the
+    /// receiver's `body.message_builder.blob_status`.
+    pub fn blob_uri(&self, id: &str) -> Option<String> {
+        self.read
+            .body
+            .as_ref()?
+            .message_builder
+            .as_ref()?
+            .blob_status
+            .as_ref()?
+            .get(id)
+            .map(|s| resolve(&self.url, &s.uri))
+    }
+
     /// Empty PATCH: bumps the remote version so the server does not give up on us.
     pub async fn heartbeat(&mut self) -> Result<(), ClientError> {
         if self.cancelled {
@@ -565,85 +665,49 @@ impl RestTransaction {
         if self.cancelled {
             return Err(ClientError::Cancelled);
         }
-        let base = self.body_length;
-        let end = base + data.len() as u64;
-        let total = last.then_some(end);
-        let mut offset = base;
-        let mut stalls = 0;
+        let finalized = put_range(
+            &self.http,
+            self.settings.data_timeout,
+            &self.body_url,
+            &mut self.body_length,
+            data,
+            last,
+        )
+        .await?;
+        if finalized {
+            self.body_finalized = true;
+            // Finalizing bumps the version on every server.
+            self.last_bump = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Uploads a whole blob of a `receive_parsing` delivery to `url` (from
+    /// [`blob_uri`](Self::blob_uri)), in `chunk_size` PUTs, finalizing it.
+    pub async fn put_blob(&mut self, url: &str, data: Bytes) -> Result<(), ClientError> {
+        if self.cancelled {
+            return Err(ClientError::Cancelled);
+        }
+        let url = resolve(&self.url, url);
+        let chunk = self.settings.chunk_size.max(1);
+        let total = data.len();
+        let mut cursor = 0u64;
         loop {
-            let piece = data.slice((offset - base) as usize..);
-            let mut req = self.http.awc.put(&self.body_url);
-            if last && piece.is_empty() {
-                req = req.insert_header(("x-finalize-blob-length", offset.to_string()));
-            } else if !(offset == 0 && last) {
-                req = req.insert_header((
-                    header::CONTENT_RANGE,
-                    ContentRange::for_chunk(offset, piece.len() as u64, total),
-                ));
-            }
-            let sent_to = offset + piece.len() as u64;
-            let a = send(req, Some(piece), self.settings.data_timeout)
-                .await
-                .map_err(|e| ClientError::UploadTransport { detail: e.detail })?;
-            if a.status != StatusCode::OK && a.status != StatusCode::RANGE_NOT_SATISFIABLE {
-                return Err(ClientError::PutStatus {
-                    status: a.status.as_u16(),
-                });
-            }
-            let held = match header_str(&a.headers, "content-range") {
-                Some(h) => HeldRange::parse(h).map_err(|_| ClientError::BadRange {
-                    detail: format!("content-range {h:?}"),
-                })?,
-                // Without the header a 200 took the whole piece (the original's
-                // receivers omit it); a 416 says nothing usable.
-                None if a.status == StatusCode::OK => HeldRange {
-                    length: sent_to,
-                    total,
-                },
-                None => {
-                    return Err(ClientError::BadRange {
-                        detail: "416 without content-range".into(),
-                    });
-                }
-            };
-            if held.length > end || held.length > sent_to {
-                return Err(ClientError::RangeBeyond {
-                    detail: format!("server holds {} of {sent_to} sent", held.length),
-                });
-            }
-            if held.length < base {
-                // The server lost bytes of an earlier chunk; they are gone here.
-                return Err(ClientError::BadRange {
-                    detail: format!("server holds {}, chunk starts at {base}", held.length),
-                });
-            }
-            if held.length == offset && !(last && held.length == end) {
-                stalls += 1;
-                if stalls >= MAX_PUT_STALLS {
-                    return Err(ClientError::BadRange {
-                        detail: format!("no progress at {offset}"),
-                    });
-                }
-            }
-            self.body_length = held.length;
-            offset = held.length;
-            if held.length == end {
-                if !last {
-                    return Ok(());
-                }
-                if held.finalized() {
-                    self.body_finalized = true;
-                    // Finalizing bumps the version on every server.
-                    self.last_bump = Instant::now();
-                    return Ok(());
-                }
-                // Everything is there but not finalized (a 416 on a resend): say so.
-                stalls += 1;
-                if stalls >= MAX_PUT_STALLS {
-                    return Err(ClientError::BadRange {
-                        detail: "body not finalized".into(),
-                    });
-                }
+            let start = cursor as usize;
+            let end = (start + chunk).min(total);
+            let last = end == total;
+            put_range(
+                &self.http,
+                self.settings.data_timeout,
+                &url,
+                &mut cursor,
+                data.slice(start..end),
+                last,
+            )
+            .await?;
+            if last {
+                self.last_bump = Instant::now();
+                return Ok(());
             }
         }
     }
@@ -677,6 +741,98 @@ impl RestTransaction {
         let req = self.http.awc.post(format!("{}/cancel", self.url));
         if let Err(e) = send(req, None, CANCEL_TIMEOUT).await {
             tracing::debug!(url = %self.url, error = %e.detail, "cancel failed");
+        }
+    }
+}
+
+/// PUTs `data` at `*cursor` of the blob at `url`; `last` finalizes it at the end of
+/// `data`. Resynchronizes on a short answer or a 416 by resending from what the server
+/// holds; `*cursor` follows what the server confirmed. Returns whether the server reported
+/// the blob finalized.
+async fn put_range(
+    http: &HttpClient,
+    timeout: Duration,
+    url: &str,
+    cursor: &mut u64,
+    data: Bytes,
+    last: bool,
+) -> Result<bool, ClientError> {
+    let base = *cursor;
+    let end = base + data.len() as u64;
+    let total = last.then_some(end);
+    let mut offset = base;
+    let mut stalls = 0;
+    loop {
+        let piece = data.slice((offset - base) as usize..);
+        let mut req = http.awc.put(url);
+        if last && piece.is_empty() {
+            req = req.insert_header(("x-finalize-blob-length", offset.to_string()));
+        } else if !(offset == 0 && last) {
+            req = req.insert_header((
+                header::CONTENT_RANGE,
+                ContentRange::for_chunk(offset, piece.len() as u64, total),
+            ));
+        }
+        let sent_to = offset + piece.len() as u64;
+        let a = send(req, Some(piece), timeout)
+            .await
+            .map_err(|e| ClientError::UploadTransport { detail: e.detail })?;
+        if a.status != StatusCode::OK && a.status != StatusCode::RANGE_NOT_SATISFIABLE {
+            return Err(ClientError::PutStatus {
+                status: a.status.as_u16(),
+            });
+        }
+        let held = match header_str(&a.headers, "content-range") {
+            Some(h) => HeldRange::parse(h).map_err(|_| ClientError::BadRange {
+                detail: format!("content-range {h:?}"),
+            })?,
+            // Without the header a 200 took the whole piece (the original's
+            // receivers omit it); a 416 says nothing usable.
+            None if a.status == StatusCode::OK => HeldRange {
+                length: sent_to,
+                total,
+            },
+            None => {
+                return Err(ClientError::BadRange {
+                    detail: "416 without content-range".into(),
+                });
+            }
+        };
+        if held.length > end || held.length > sent_to {
+            return Err(ClientError::RangeBeyond {
+                detail: format!("server holds {} of {sent_to} sent", held.length),
+            });
+        }
+        if held.length < base {
+            // The server lost bytes of an earlier chunk; they are gone here.
+            return Err(ClientError::BadRange {
+                detail: format!("server holds {}, chunk starts at {base}", held.length),
+            });
+        }
+        if held.length == offset && !(last && held.length == end) {
+            stalls += 1;
+            if stalls >= MAX_PUT_STALLS {
+                return Err(ClientError::BadRange {
+                    detail: format!("no progress at {offset}"),
+                });
+            }
+        }
+        *cursor = held.length;
+        offset = held.length;
+        if held.length == end {
+            if !last {
+                return Ok(false);
+            }
+            if held.finalized() {
+                return Ok(true);
+            }
+            // Everything is there but not finalized (a 416 on a resend): say so.
+            stalls += 1;
+            if stalls >= MAX_PUT_STALLS {
+                return Err(ClientError::BadRange {
+                    detail: "body not finalized".into(),
+                });
+            }
         }
     }
 }

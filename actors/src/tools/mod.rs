@@ -1,3 +1,7 @@
 //! Command-line tools, run as `koukan <tool>`.
 
+pub mod receive;
+pub mod rest_send;
+pub mod secret;
+pub mod send;
 pub mod sink;

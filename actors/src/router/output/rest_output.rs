@@ -1,12 +1,15 @@
 //! `rest_output`: the terminal filter that hands a transaction to an HTTP destination
 //! speaking the Koukan REST API (the SMTP gateway, a receiver application, another router).
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use koukan::config::RestOutputFilter;
-use koukan::filter::{ChainTx, Filter, LocalFuture, Next};
+use koukan::filter::message_parser::{MAX_PARSE_BYTES, ParsedMessage};
+use koukan::filter::{ChainTx, Filter, LocalFuture, MessageBody, Next};
 use koukan::transaction::Update;
 use koukan::{HostPort, Transaction};
+use serde_json::{Map, Value};
 
 use crate::client::{ClientError, ClientSettings, HttpClient, RestTransaction};
 
@@ -19,6 +22,8 @@ pub struct RestOutput {
     /// The create failed on every host: later runs change nothing.
     failed: bool,
     body_sent: bool,
+    /// Signals as last sent upstream (`send_filter_output`): later runs PATCH the changes.
+    signals_sent: BTreeMap<String, Value>,
 }
 
 impl RestOutput {
@@ -29,6 +34,7 @@ impl RestOutput {
             sent: Vec::new(),
             failed: false,
             body_sent: false,
+            signals_sent: BTreeMap::new(),
         }
     }
 
@@ -91,22 +97,34 @@ impl RestOutput {
             Some(list) if !list.is_empty() => list.iter().cloned().map(Some).collect(),
             _ => vec![None],
         };
+        // filter_output goes upstream only when the route asks for it (§11.6).
+        let mut extra = Map::new();
+        if tx.route.options.send_filter_output() && !tx.signals.is_empty() {
+            extra.insert("filter_output".into(), signals_json(&tx.signals));
+            self.signals_sent = tx.signals.clone();
+        }
         let mut last_err = None;
         for (i, host) in hosts.iter().enumerate() {
             let is_last = i + 1 == hosts.len();
             let deadline = Instant::now() + self.cfg.rcpt_timeout;
             let create = Self::create_tx(tx, host.as_ref(), &pending);
-            let mut upstream =
-                match RestTransaction::create(http.clone(), self.settings(), &url, &create, None)
-                    .await
-                {
-                    Ok(u) => u,
-                    Err(e) => {
-                        tracing::info!(url, host = ?host, "rest_output create: {}", e.detail());
-                        last_err = Some(e);
-                        continue;
-                    }
-                };
+            let mut upstream = match RestTransaction::create_with(
+                http.clone(),
+                self.settings(),
+                &url,
+                &create,
+                None,
+                &extra,
+            )
+            .await
+            {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::info!(url, host = ?host, "rest_output create: {}", e.detail());
+                    last_err = Some(e);
+                    continue;
+                }
+            };
             let mail = match upstream.wait_mail(deadline).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -145,6 +163,9 @@ impl RestOutput {
         let Some(upstream) = self.upstream.as_mut() else {
             return;
         };
+        if tx.mail_failed() {
+            return;
+        }
         let new: Vec<usize> = tx
             .pending_rcpts()
             .filter(|i| !self.sent.contains(i))
@@ -175,34 +196,59 @@ impl RestOutput {
         self.sent.extend(new);
     }
 
+    /// PATCHes the signals that changed since they were last sent. Returns whether a
+    /// PATCH went out (it doubles as a heartbeat).
+    async fn send_signals(&mut self, tx: &ChainTx) -> bool {
+        if !tx.route.options.send_filter_output() {
+            return false;
+        }
+        let Some(upstream) = self.upstream.as_mut() else {
+            return false;
+        };
+        let changed: BTreeMap<String, Value> = tx
+            .signals
+            .iter()
+            .filter(|(k, v)| self.signals_sent.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if changed.is_empty() {
+            return false;
+        }
+        let Value::Object(m) = signals_json(&changed) else {
+            unreachable!("signals_json builds an object")
+        };
+        if let Err(e) = upstream.update_filter_output(&m).await {
+            tracing::info!(
+                url = upstream.url(),
+                "rest_output filter_output: {}",
+                e.detail()
+            );
+            return false;
+        }
+        self.signals_sent.extend(changed);
+        true
+    }
+
     async fn send_body(&mut self, tx: &mut ChainTx) {
         let (Some(upstream), Some(body)) = (self.upstream.as_mut(), tx.body.as_ref()) else {
             return;
         };
         self.body_sent = true;
-        let total = body.len().unwrap_or(0);
-        let mut reader = body.reader(self.cfg.chunk_size.unwrap_or(1 << 20));
-        let mut sent = 0u64;
+        let parsed = tx
+            .parsed
+            .as_ref()
+            .filter(|_| tx.route.options.receive_parsing.is_some());
+        let chunk_size = self.cfg.chunk_size.unwrap_or(1 << 20);
         let result: Result<(), ClientError> = async {
-            if total == 0 {
-                return upstream.put_chunk(bytes::Bytes::new(), true).await;
+            if let Some(p) = parsed {
+                send_parsed(upstream, p).await?;
             }
-            while let Some(chunk) =
-                reader
-                    .next()
-                    .await
-                    .map_err(|e| ClientError::UploadTransport {
-                        detail: e.to_string(),
-                    })?
-            {
-                sent += chunk.len() as u64;
-                upstream.put_chunk(chunk, sent >= total).await?;
-            }
-            Ok(())
+            send_raw(upstream, body, chunk_size).await
         }
         .await;
         let resp = match result {
             Ok(()) => {
+                // The data wait is bounded by data_timeout, not rcpt_timeout (§11.8).
                 let deadline = Instant::now() + self.cfg.data_timeout;
                 upstream
                     .wait_data(deadline)
@@ -218,6 +264,71 @@ impl RestOutput {
     }
 }
 
+/// The signals as the `filter_output` object.
+fn signals_json(signals: &BTreeMap<String, Value>) -> Value {
+    Value::Object(
+        signals
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
+}
+
+/// `receive_parsing` (§11.4): the parsed message to `body.message_builder.uri`, then each
+/// blob, in numeric id order, to the URI the receiver listed for it.
+async fn send_parsed(upstream: &mut RestTransaction, p: &ParsedMessage) -> Result<(), ClientError> {
+    upstream.post_message_builder(&p.json).await?;
+    let mut ids: Vec<&String> = p.blobs.keys().collect();
+    ids.sort_by_key(|id| (id.len(), *id));
+    for id in ids {
+        let uri = upstream
+            .blob_uri(id)
+            .ok_or_else(|| ClientError::MessageBuilder {
+                what: "bad resp no blob uri",
+                detail: format!("no blob_status for blob {id:?}"),
+            })?;
+        let data = MessageBody::blob(p.blobs[id].clone())
+            .read_all(MAX_PARSE_BYTES)
+            .await
+            .map_err(|e| ClientError::UploadTransport {
+                detail: e.to_string(),
+            })?;
+        upstream.put_blob(&uri, data.into()).await?;
+    }
+    Ok(())
+}
+
+/// The raw message to `body.blob_status.uri`, in `chunk_size` PUTs.
+async fn send_raw(
+    upstream: &mut RestTransaction,
+    body: &MessageBody,
+    chunk_size: usize,
+) -> Result<(), ClientError> {
+    let total = body.len().unwrap_or(0);
+    if total == 0 {
+        return upstream.put_chunk(bytes::Bytes::new(), true).await;
+    }
+    let mut reader = body.reader(chunk_size);
+    let mut sent = 0u64;
+    while let Some(chunk) = reader
+        .next()
+        .await
+        .map_err(|e| ClientError::UploadTransport {
+            detail: e.to_string(),
+        })?
+    {
+        sent += chunk.len() as u64;
+        upstream.put_chunk(chunk, sent >= total).await?;
+    }
+    if !upstream.body_finalized() {
+        // The reader ended short of the length it announced.
+        return Err(ClientError::UploadTransport {
+            detail: format!("body ended at {sent} of {total} bytes"),
+        });
+    }
+    Ok(())
+}
+
 impl Filter for RestOutput {
     fn on_update<'a>(&'a mut self, tx: &'a mut ChainTx, _next: Next<'a>) -> LocalFuture<'a, ()> {
         Box::pin(async move {
@@ -226,6 +337,10 @@ impl Filter for RestOutput {
                     && tx.tx.data_response.is_none()
                 {
                     u.cancel().await;
+                }
+                // §11.8 step 1: what upstream never answered ends as cancelled.
+                if tx.tx.data_response.is_none() {
+                    tx.fill_inflight(&ClientError::Cancelled.response());
                 }
                 return;
             }
@@ -243,6 +358,7 @@ impl Filter for RestOutput {
             if tx.mail_failed() {
                 return;
             }
+            let patched = self.send_signals(tx).await;
             if !self.body_sent
                 && tx.body_finalized()
                 && self
@@ -252,6 +368,8 @@ impl Filter for RestOutput {
             {
                 self.send_body(tx).await;
             } else if tx.heartbeat
+                && !patched
+                && !self.body_sent
                 && let Some(u) = self.upstream.as_mut()
                 && let Err(e) = u.heartbeat().await
             {
