@@ -53,6 +53,15 @@ impl Router {
     pub async fn start(
         settings: Settings,
     ) -> Result<(Router, actix_web::dev::Server), RouterError> {
+        Self::start_with(settings, output::builtin_filters()).await
+    }
+
+    /// As [`start`](Self::start), with the output chains built from `filters` (the
+    /// built-ins plus whatever the embedding program registers).
+    pub async fn start_with(
+        settings: Settings,
+        filters: output::Filters,
+    ) -> Result<(Router, actix_web::dev::Server), RouterError> {
         let settings = Arc::new(settings);
         let storage = Storage::open(
             settings.backend.clone(),
@@ -64,7 +73,6 @@ impl Router {
         )
         .await?;
         let registry = Registry::new(storage.clone(), settings.clone());
-        let filters = output::builtin_filters();
         filters
             .check(&settings.config)
             .map_err(|e| RouterError::Config(e.to_string()))?;

@@ -418,6 +418,24 @@ impl Handler<EnableRetry> for TransactionActor {
     }
 }
 
+/// Installs a copy read elsewhere (the dequeuer's, which carries the new attempt and its
+/// lease) if it is newer, and answers with the current copy. An actor that outlived the
+/// previous attempt would otherwise keep serving — and handing the delivery — a stale copy.
+#[derive(Message)]
+#[rtype(result = "Arc<TxRecord>")]
+pub struct Adopt(pub TxRecord);
+
+impl Handler<Adopt> for TransactionActor {
+    type Result = MessageResult<Adopt>;
+
+    fn handle(&mut self, msg: Adopt, _: &mut Self::Context) -> Self::Result {
+        if msg.0.version > self.record.version {
+            self.publish(msg.0);
+        }
+        MessageResult(self.record.clone())
+    }
+}
+
 /// The current copy.
 #[derive(Message)]
 #[rtype(result = "Arc<TxRecord>")]

@@ -69,6 +69,16 @@ impl Filters {
         self.factories.insert(name.into(), Arc::new(factory));
     }
 
+    /// Adds every factory of `other` (replacing same-named ones).
+    pub fn extend(&mut self, other: Filters) {
+        self.factories.extend(other.factories);
+    }
+
+    /// Registered names (for `LoadOptions::extra_filters`).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.factories.keys().map(String::as_str)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.factories.contains_key(name)
     }

@@ -272,7 +272,24 @@ impl Attempt {
                 heartbeat: !changed,
                 ..Default::default()
             };
+            let mut cancelled_midway = false;
             if !timed_out {
+                // A cancel must not wait for the chain's own timeouts (a DATA wait can take
+                // minutes): stop waiting, then tell the chain (rest_output and the exploder
+                // cancel what they started upstream).
+                let mut follow = rx.clone();
+                let cancelled = async move {
+                    if follow.wait_for(|r| r.tx.cancelled).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    _ = out.chain.update(&mut view) => {}
+                    _ = cancelled, if !view.tx.cancelled => cancelled_midway = true,
+                }
+            }
+            if cancelled_midway {
+                view.tx.cancelled = true;
                 out.chain.update(&mut view).await;
             }
             last_run = Some(Instant::now());

@@ -87,13 +87,14 @@ impl Output {
     /// Runs the attempt this process holds on `record` (cut-through or dequeued); returns
     /// the transaction's actor.
     pub fn deliver(self: &Arc<Self>, record: TxRecord) -> Addr<TransactionActor> {
-        let tx_actor = self.registry.start(record);
+        let tx_actor = self.registry.start(record.clone());
         let this = self.clone();
         let actor = tx_actor.clone();
         this.active.fetch_add(1, Ordering::Relaxed);
-        // The delivery reads the record back from the actor it just installed.
+        // The actor may predate this attempt (it served the previous one, or a long poll):
+        // give it the record that holds the lease, and run on whatever is newest.
         actix::spawn(async move {
-            let record = actor.send(super::transaction::Snapshot).await;
+            let record = actor.send(super::transaction::Adopt(record)).await;
             match record
                 .ok()
                 .and_then(|r| Delivery::new(this.clone(), actor, r))

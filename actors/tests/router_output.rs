@@ -1,0 +1,583 @@
+//! The router's output path over real HTTP: an in-process router on a real SQLite file
+//! delivering to a test receiver (`support/receiver.rs`).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use awc::Client;
+use awc::http::StatusCode;
+use koukan::config::{LoadOptions, RouterConfig};
+use koukan::rest::BODY_BLOB;
+use koukan_actors::client::{ClientSettings, HttpClient, RestTransaction};
+use koukan_actors::router::output::Filters;
+use koukan_actors::router::{Router, Settings};
+use koukan_db::TxRecord;
+use mail_parser::MimeHeaders;
+use serde_json::{Value, json};
+use support::receiver::{Received, Receiver};
+
+/// Hang detector for every wait of these tests.
+const LIMIT: Duration = Duration::from_secs(30);
+/// How far back the router's clock is moved so that computed retry times are already due.
+const SHIFT: i64 = 100_000;
+
+/// Knobs of the test configuration; everything else is fixed.
+#[derive(Clone)]
+struct Opts {
+    dequeue: bool,
+    retry_params: String,
+    /// `out` endpoint (REST and exploder upstream transactions).
+    downstream_timeout: u64,
+    upstream_refresh: u64,
+    /// `out`'s chain entries before `rest_output`.
+    pre_filters: String,
+    /// Extra `sender` list entries and `endpoint` list entries.
+    senders: String,
+    endpoints: String,
+    exploder_rcpt_timeout: u64,
+    exploder_data_timeout: u64,
+    /// `msa`/`ingress` endpoints' `upstream_refresh` (exploder heartbeats upstream).
+    exploder_refresh: u64,
+    rest_rcpt_timeout: u64,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            dequeue: false,
+            retry_params: "{min_attempt_time: 60, max_attempt_time: 3600, backoff_factor: 1.5, max_attempts: 3, deadline: 86400, bug_retry: 900}".into(),
+            downstream_timeout: 30,
+            upstream_refresh: 30,
+            pre_filters: String::new(),
+            senders: String::new(),
+            endpoints: String::new(),
+            exploder_rcpt_timeout: 1,
+            exploder_data_timeout: 2,
+            exploder_refresh: 30,
+            rest_rcpt_timeout: 4,
+        }
+    }
+}
+
+fn yaml(o: &Opts, port: u16, db: &std::path::Path, receiver: &str) -> String {
+    format!(
+        r#"global:
+  mailer_daemon_mailbox: mailer-daemon@example.com
+  dequeue: {dequeue}
+rest_listener:
+  addr: ["127.0.0.1", {port}]
+  session_uri: http://127.0.0.1:{port}
+sender:
+- name: submission
+  output_chain: out
+  retry: output_chain
+  notification: output_chain
+  tag:
+  - name: dsn
+    notification: null
+  - name: oneshot
+    retry: null
+    notification: null
+  - name: upstream
+    retry: null
+    notification: null
+- name: msa
+  output_chain: msa
+  upstream_sender: submission
+  upstream_tag: upstream
+- name: ingress
+  output_chain: ingress
+  upstream_sender: submission
+  upstream_tag: upstream
+{senders}
+endpoint:
+- name: out
+  output_handler:
+    downstream_timeout: {dt}
+    upstream_refresh: {ur}
+    retry_params: {retry}
+    notification:
+      sender: submission
+      tag: dsn
+  chain:
+{pre}
+  - filter: rest_output
+    static_endpoint: {receiver}
+    rcpt_timeout: {rest_rcpt}
+    data_timeout: {rest_rcpt}
+- name: msa
+  output_handler:
+    downstream_timeout: 60
+    upstream_refresh: {xr}
+  chain:
+  - filter: exploder
+    msa: true
+    rcpt_timeout: {xrt}
+    data_timeout: {xdt}
+- name: ingress
+  output_handler:
+    downstream_timeout: 60
+    upstream_refresh: {xr}
+  chain:
+  - filter: exploder
+    msa: false
+    rcpt_timeout: {xrt}
+    data_timeout: {xdt}
+{endpoints}
+storage:
+  url: sqlite:///{db}
+"#,
+        dequeue = o.dequeue,
+        senders = o.senders,
+        endpoints = o.endpoints,
+        dt = o.downstream_timeout,
+        ur = o.upstream_refresh,
+        retry = o.retry_params,
+        pre = o.pre_filters,
+        rest_rcpt = o.rest_rcpt_timeout,
+        xr = o.exploder_refresh,
+        xrt = o.exploder_rcpt_timeout,
+        xdt = o.exploder_data_timeout,
+        db = db.display(),
+    )
+}
+
+struct Env {
+    router: Router,
+    base: String,
+    client: Client,
+    rx: Receiver,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start(o: Opts) -> Env {
+    start_with(o, Filters::default(), &[]).await
+}
+
+/// Starts a router with the built-in filters plus `extra` (registered under `plugins`).
+async fn start_with(o: Opts, extra: Filters, plugins: &[&str]) -> Env {
+    let rx = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = yaml(&o, port, &dir.path().join("router.sqlite3"), &rx.endpoint());
+    let is_plugin = |n: &str| plugins.contains(&n);
+    let cfg = RouterConfig::from_yaml_str_with(
+        &text,
+        &LoadOptions {
+            extra_filters: Some(&is_plugin),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let mut settings = Settings::from_config(Arc::new(cfg)).unwrap();
+    settings.http_workers = 2;
+    let mut filters = koukan_actors::router::output::builtin_filters();
+    filters.extend(extra);
+    let (router, server) = Router::start_with(settings, filters).await.unwrap();
+    actix_rt::spawn(server);
+    Env {
+        router,
+        base: format!("http://127.0.0.1:{port}"),
+        client: Client::builder().timeout(Duration::from_secs(40)).finish(),
+        rx,
+        _dir: dir,
+    }
+}
+
+fn rest_id(location: &str) -> String {
+    location.rsplit('/').next().unwrap().to_string()
+}
+
+impl Env {
+    /// A REST submission; returns the transaction's URL.
+    async fn submit(&self, sender: &str, mail_from: &str, rcpt: &str, body: &str) -> String {
+        let (name, tag) = sender.split_once('/').unwrap_or((sender, ""));
+        let mut req = json!({"mail_from": {"m": mail_from}, "rcpt_to": [{"m": rcpt}],
+            "body": {"inline": body}});
+        if !tag.is_empty() {
+            req["sender"] = json!({"name": name, "tag": tag});
+        }
+        let mut resp = self
+            .client
+            .post(format!("{}/senders/{name}/transactions", self.base))
+            .insert_header(("content-type", "application/json"))
+            .send_body(req.to_string())
+            .await
+            .unwrap();
+        let text = resp.body().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED, "{text:?}");
+        resp.headers()
+            .get("location")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string()
+    }
+
+    async fn read(&self, url: &str) -> Value {
+        let mut resp = self.client.get(url).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json().await.unwrap()
+    }
+
+    /// Long-polls the REST view until `done` holds.
+    async fn poll_until(&self, url: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + LIMIT;
+        let mut etag: Option<String> = None;
+        loop {
+            let mut req = self.client.get(url);
+            if let Some(e) = &etag {
+                req = req
+                    .insert_header(("if-none-match", e.as_str()))
+                    .insert_header(("request-timeout", "5"));
+            }
+            let mut resp = req.send().await.unwrap();
+            if resp.status() == StatusCode::OK {
+                etag = Some(
+                    resp.headers()
+                        .get("etag")
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_string(),
+                );
+                let v: Value = resp.json().await.unwrap();
+                if done(&v) {
+                    return v;
+                }
+            }
+            assert!(Instant::now() < deadline, "gave up polling {url}");
+        }
+    }
+
+    async fn wait_final(&self, url: &str) -> Value {
+        self.poll_until(url, |v| v.get("final_attempt_reason").is_some())
+            .await
+    }
+
+    async fn record(&self, url: &str) -> TxRecord {
+        self.router
+            .storage
+            .load(&rest_id(url))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Waits until attempt `n` of the transaction has ended (its lease released).
+    async fn attempt_done(&self, url: &str, n: i64) -> TxRecord {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let r = self.record(url).await;
+            if r.lease.is_none() && r.attempt_id >= Some(n) {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "attempt {n} never ended: {r:?}");
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_unleased(&self, id: i64) -> TxRecord {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let r = self.router.storage.load_id(id).await.unwrap().unwrap();
+            if r.lease.is_none() {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "attempt never ended: {r:?}");
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The dequeuer's job, one transaction at a time (tests run with `dequeue: false`):
+    /// takes what is due, delivers it and waits for the attempt to end. Returns what ran.
+    async fn step(&self) -> Option<TxRecord> {
+        let record = self.router.storage.dequeue().await.unwrap()?;
+        let id = record.id;
+        self.router.output.deliver(record.clone());
+        self.wait_unleased(id).await;
+        Some(record)
+    }
+
+    /// Steps until nothing is due; returns everything that ran.
+    async fn drain(&self) -> Vec<TxRecord> {
+        let mut ran = Vec::new();
+        while let Some(r) = self.step().await {
+            ran.push(r);
+            assert!(ran.len() < 50, "runaway dequeue: {ran:#?}");
+        }
+        ran
+    }
+
+    async fn body_of(&self, r: &TxRecord) -> Vec<u8> {
+        let b = r.blob(BODY_BLOB).unwrap();
+        self.router
+            .storage
+            .read_blob(b.blob_id, 0, b.length as usize)
+            .await
+            .unwrap()
+            .to_vec()
+    }
+
+    /// An incremental (SMTP-style) client of sender `sender`.
+    async fn smtp(&self, sender: &str) -> RestTransaction {
+        let settings = ClientSettings {
+            timeout: Duration::from_secs(20),
+            data_timeout: Duration::from_secs(20),
+            ..Default::default()
+        };
+        let http = HttpClient::new(&Default::default()).unwrap();
+        let tx = koukan::Transaction {
+            mail_from: Some(koukan::Mailbox::new("alice@example.com")),
+            ..Default::default()
+        };
+        RestTransaction::create(
+            http,
+            settings,
+            &format!("{}/senders/{sender}/transactions", self.base),
+            &tx,
+            None,
+        )
+        .await
+        .unwrap()
+    }
+}
+
+const MESSAGE: &str = "From: alice@example.com\r\nTo: x@example.com\r\nSubject: test\r\nMessage-ID: <m1@example.com>\r\n\r\nhello\r\n";
+
+fn code(v: &Value) -> u64 {
+    v["code"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no code in {v}"))
+}
+
+/// Checks a DSN sent to `alice@example.com` and returns its parsed status text.
+fn check_dsn(d: &Received, status: &str) {
+    assert_eq!(d.rcpt_to, vec!["alice@example.com".to_string()]);
+    assert!(d.body_finalized);
+    let msg = mail_parser::MessageParser::default()
+        .parse(&d.body)
+        .expect("DSN parses");
+    let ct = msg.content_type().unwrap();
+    assert_eq!(
+        (ct.ctype(), ct.subtype()),
+        ("multipart", Some("report")),
+        "{}",
+        String::from_utf8_lossy(&d.body)
+    );
+    assert_eq!(ct.attribute("report-type"), Some("delivery-status"));
+    assert_eq!(
+        msg.from().unwrap().first().unwrap().address(),
+        Some("mailer-daemon@example.com")
+    );
+    assert_eq!(msg.in_reply_to().as_text(), Some("m1@example.com"));
+    let text = String::from_utf8_lossy(&d.body);
+    assert!(text.contains(&format!("Status: {status}")), "{text}");
+}
+
+// ---- REST transactions ---------------------------------------------------------------
+
+#[actix_rt::test]
+async fn delivered_with_upstream_responses() {
+    let env = start(Opts::default()).await;
+    let url = env
+        .submit("submission", "alice@example.com", "ok@example.net", MESSAGE)
+        .await;
+    let v = env.wait_final(&url).await;
+    assert_eq!(v["final_attempt_reason"], "upstream response success");
+    assert_eq!(v["attempt_count"], 1);
+    assert_eq!(
+        v["mail_response"],
+        json!({"code": 250, "message": "mail ok"})
+    );
+    assert_eq!(
+        v["rcpt_response"],
+        json!([{"code": 250, "message": "rcpt ok"}])
+    );
+    assert_eq!(
+        v["data_response"],
+        json!({"code": 250, "message": "data ok"})
+    );
+    let got = env.rx.to("ok");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body, MESSAGE.as_bytes(), "byte-exact");
+    assert_eq!(got[0].mail_from.as_deref(), Some("alice@example.com"));
+    assert!(
+        !got[0].cancelled,
+        "a delivered transaction is not cancelled"
+    );
+    // Nothing left to do: no DSN for a delivered message.
+    assert!(env.drain().await.is_empty());
+    assert!(env.rx.dsns().is_empty());
+}
+
+#[actix_rt::test]
+async fn temporary_failures_retry_with_backoff_then_bounce_once() {
+    let env = start(Opts::default()).await;
+    env.router.output.shift_clock(-SHIFT);
+    let url = env
+        .submit(
+            "submission",
+            "alice@example.com",
+            "data4@example.net",
+            MESSAGE,
+        )
+        .await;
+    for attempt in 1..=2 {
+        let r = env.attempt_done(&url, attempt).await;
+        assert_eq!(r.tx.final_attempt_reason, None, "attempt {attempt}");
+        assert_eq!(r.tx.data_response.as_ref().unwrap().code, 452);
+        let next = r.next_attempt_time.expect("retry scheduled");
+        // delay = clamp((now - creation) * 1.5, 60, 3600) with `now` moved back: 60. The
+        // final write may land in the second after the clock was read.
+        let delay = next - (r.last_update - SHIFT);
+        assert!(delay == 60 || delay == 59, "delay {delay}");
+        if attempt == 2 {
+            break;
+        }
+        // Already due: the next attempt starts at once.
+        let ran = env.step().await.expect("retry due");
+        assert_eq!(ran.rest_id, rest_id(&url));
+    }
+    let ran = env.step().await.expect("third attempt due");
+    assert_eq!(ran.rest_id, rest_id(&url));
+    let v = env.wait_final(&url).await;
+    assert_eq!(v["final_attempt_reason"], "retry policy max attempts");
+    assert_eq!(v["attempt_count"], 3);
+    assert_eq!(env.rx.to("data4").len(), 3);
+    // Exactly one DSN, delivered through the notification sender.
+    let ran = env.drain().await;
+    assert_eq!(ran.len(), 1, "{ran:#?}");
+    let dsn = &ran[0];
+    assert_eq!(dsn.tx.mail_from.as_ref().unwrap().mailbox, "");
+    assert_eq!(dsn.tx.sender.as_ref().unwrap().tag.as_deref(), Some("dsn"));
+    assert!(dsn.tx.retry, "the DSN is retried per its sender");
+    assert!(!dsn.tx.notification, "no bounces of bounces");
+    let dsns = env.rx.dsns();
+    assert_eq!(dsns.len(), 1);
+    check_dsn(&dsns[0], "4.0.0");
+    assert_eq!(dsns[0].data_response.as_ref().unwrap().code, 250);
+}
+
+#[actix_rt::test]
+async fn permanent_failure_bounces_at_once() {
+    let env = start(Opts::default()).await;
+    let url = env
+        .submit(
+            "submission",
+            "alice@example.com",
+            "data5@example.net",
+            MESSAGE,
+        )
+        .await;
+    let v = env.wait_final(&url).await;
+    assert_eq!(v["final_attempt_reason"], "upstream response permfail");
+    assert_eq!(v["attempt_count"], 1);
+    assert_eq!(code(&v["data_response"]), 554);
+    let ran = env.drain().await;
+    assert_eq!(ran.len(), 1);
+    let dsns = env.rx.dsns();
+    assert_eq!(dsns.len(), 1);
+    check_dsn(&dsns[0], "5.0.0");
+    let text = String::from_utf8_lossy(&dsns[0].body);
+    assert!(
+        text.contains("Final-Recipient: rfc822;data5@example.net"),
+        "{text}"
+    );
+    assert!(text.contains("554 5.6.0 data5 says no"), "{text}");
+
+    // An RCPT permfail bounces too.
+    let url = env
+        .submit(
+            "submission",
+            "alice@example.com",
+            "rcpt5@example.net",
+            MESSAGE,
+        )
+        .await;
+    let v = env.wait_final(&url).await;
+    assert_eq!(v["final_attempt_reason"], "upstream rcpt_response permfail");
+    assert_eq!(env.drain().await.len(), 1);
+    assert_eq!(env.rx.dsns().len(), 2);
+}
+
+#[actix_rt::test]
+async fn no_bounce_to_the_null_reverse_path() {
+    let env = start(Opts::default()).await;
+    let url = env
+        .submit("submission", "", "data5@example.net", MESSAGE)
+        .await;
+    let v = env.wait_final(&url).await;
+    assert_eq!(v["final_attempt_reason"], "upstream response permfail");
+    assert!(env.drain().await.is_empty(), "no DSN queued");
+    assert!(env.rx.dsns().is_empty());
+}
+
+#[actix_rt::test]
+async fn cancel_stops_retries_without_bounce() {
+    let env = start(Opts::default()).await;
+    env.router.output.shift_clock(-SHIFT);
+    // Between attempts.
+    let url = env
+        .submit(
+            "submission",
+            "alice@example.com",
+            "data4@example.net",
+            MESSAGE,
+        )
+        .await;
+    let r = env.attempt_done(&url, 1).await;
+    assert!(r.next_attempt_time.is_some());
+    let resp = env
+        .client
+        .post(format!("{url}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v = env.wait_final(&url).await;
+    assert_eq!(v["final_attempt_reason"], "downstream cancelled");
+    assert!(env.drain().await.is_empty(), "no retry, no DSN");
+    assert_eq!(env.rx.to("data4").len(), 1);
+
+    // During an attempt: the upstream transaction is cancelled too.
+    let url = env
+        .submit(
+            "submission",
+            "alice@example.com",
+            "hangdata@example.net",
+            MESSAGE,
+        )
+        .await;
+    env.rx
+        .wait(LIMIT, "the body", |t| {
+            t.iter().any(|t| t.to("hangdata") && t.body_finalized)
+        })
+        .await;
+    env.client
+        .post(format!("{url}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    let v = env.wait_final(&url).await;
+    assert_eq!(v["final_attempt_reason"], "downstream cancelled");
+    env.rx
+        .wait(LIMIT, "the upstream cancel", |t| {
+            t.iter().any(|t| t.to("hangdata") && t.cancelled)
+        })
+        .await;
+    env.attempt_done(&url, 1).await;
+    assert!(env.drain().await.is_empty(), "no retry, no DSN");
+    assert_eq!(env.rx.to("hangdata").len(), 1);
+    assert!(env.rx.dsns().is_empty());
+}
