@@ -197,3 +197,18 @@ fn psql(server: &str, sql: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Waits until `port` accepts connections too (a process with several listeners).
+pub fn wait_for_port(p: &mut Process, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = p.child.try_wait() {
+            panic!("{} exited with {status}:\n{}", p.name, p.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{} did not listen on {port}:\n{}", p.name, p.log());
+}

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use koukan::config::RestOutputFilter;
-use koukan::filter::message_parser::{MAX_PARSE_BYTES, ParsedMessage};
-use koukan::filter::{ChainTx, Filter, LocalFuture, MessageBody, Next};
+use koukan::filter::message_parser::{MAX_PARSE_BYTES, ParsedMessage, parse_message};
+use koukan::filter::{ChainTx, Filter, LocalFuture, MessageBody, Next, Route};
 use koukan::transaction::Update;
 use koukan::{HostPort, Transaction};
 use serde_json::{Map, Value};
@@ -24,6 +24,10 @@ pub struct RestOutput {
     body_sent: bool,
     /// Signals as last sent upstream (`send_filter_output`): later runs PATCH the changes.
     signals_sent: BTreeMap<String, Value>,
+    /// The route the upstream transaction was created for. The `router` filter sets
+    /// `ChainTx::route` only on runs that route a pending recipient, so later runs (the
+    /// body) may come without it.
+    route: Option<Route>,
 }
 
 impl RestOutput {
@@ -35,6 +39,7 @@ impl RestOutput {
             failed: false,
             body_sent: false,
             signals_sent: BTreeMap::new(),
+            route: None,
         }
     }
 
@@ -150,6 +155,7 @@ impl RestOutput {
             }
             self.sent = pending;
             self.upstream = Some(upstream);
+            self.route = Some(tx.route.clone());
             return;
         }
         if let Some(e) = last_err {
@@ -234,13 +240,19 @@ impl RestOutput {
             return;
         };
         self.body_sent = true;
-        let parsed = tx
-            .parsed
-            .as_ref()
-            .filter(|_| tx.route.options.receive_parsing.is_some());
+        let parsed = match (&tx.parsed, &tx.route.options.receive_parsing) {
+            (_, None) => None,
+            (Some(p), Some(_)) => Some(p.clone()),
+            // message_parser did not run for this route (it lost the route, see `route`):
+            // parse here. Unparsable or too big: delivered raw, as message_parser does.
+            (None, Some(rp)) => match body.read_all(MAX_PARSE_BYTES).await {
+                Ok(bytes) => parse_message(&bytes, rp.max_inline, &mut 0),
+                Err(_) => None,
+            },
+        };
         let chunk_size = self.cfg.chunk_size.unwrap_or(1 << 20);
         let result: Result<(), ClientError> = async {
-            if let Some(p) = parsed {
+            if let Some(p) = &parsed {
                 send_parsed(upstream, p).await?;
             }
             send_raw(upstream, body, chunk_size).await
@@ -346,6 +358,11 @@ impl Filter for RestOutput {
             }
             if self.failed || tx.tx.mail_from.is_none() {
                 return;
+            }
+            if let Some(r) = &self.route
+                && tx.route == Route::default()
+            {
+                tx.route = r.clone();
             }
             if self.upstream.is_none() {
                 self.start(tx).await;
