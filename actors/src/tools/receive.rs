@@ -292,16 +292,17 @@ fn is_json(h: &HeaderMap) -> bool {
         .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
 }
 
-fn parse_object(req: &HttpRequest, body: &[u8]) -> Result<Map<String, Value>, HttpResponse> {
+/// A JSON object request body, or the status and text of the refusal.
+fn parse_object(
+    req: &HttpRequest,
+    body: &[u8],
+) -> Result<Map<String, Value>, (StatusCode, &'static str)> {
     if !is_json(req.headers()) {
-        return Err(error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "bad content-type",
-        ));
+        return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "bad content-type"));
     }
     match serde_json::from_slice(body) {
         Ok(Value::Object(m)) => Ok(m),
-        _ => Err(error(StatusCode::BAD_REQUEST, "bad json")),
+        _ => Err((StatusCode::BAD_REQUEST, "bad json")),
     }
 }
 
@@ -357,7 +358,7 @@ async fn create(
 ) -> HttpResponse {
     let m = match parse_object(&req, &body) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err((status, text)) => return error(status, text),
     };
     let rcpts = m
         .get("rcpt_to")
@@ -441,7 +442,7 @@ async fn patch(
     } else {
         match parse_object(&req, &body) {
             Ok(m) => Some(m),
-            Err(r) => return r,
+            Err((status, text)) => return error(status, text),
         }
     };
     let mut txs = state.txs.lock().unwrap();
@@ -515,7 +516,7 @@ async fn message_builder(
     let id = path.into_inner();
     let spec = match parse_object(&req, &body) {
         Ok(m) => Value::Object(m),
-        Err(r) => return r,
+        Err((status, text)) => return error(status, text),
     };
     let mut txs = state.txs.lock().unwrap();
     let Some(tx) = txs.get_mut(&id) else {

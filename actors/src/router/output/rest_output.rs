@@ -350,10 +350,6 @@ impl Filter for RestOutput {
                 {
                     u.cancel().await;
                 }
-                // §11.8 step 1: what upstream never answered ends as cancelled.
-                if tx.tx.data_response.is_none() {
-                    tx.fill_inflight(&ClientError::Cancelled.response());
-                }
                 return;
             }
             if self.failed || tx.tx.mail_from.is_none() {
