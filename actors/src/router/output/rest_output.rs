@@ -395,7 +395,71 @@ impl Filter for RestOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tools::receive::{Receiver, ReceiverOptions};
+    use koukan::config::ReceiveParsing;
+    use koukan::filter::Chain;
     use koukan::{Mailbox, Sender};
+    use serde_json::json;
+    use std::time::Duration;
+
+    const MULTIPART: &str = "From: a@x\r\nSubject: parts\r\nContent-Type: multipart/mixed; \
+        boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nthe plain text part\r\n\
+        --b\r\nContent-Type: application/octet-stream\r\n\r\nan attachment body\r\n--b--\r\n";
+
+    /// receive_parsing against the receiver tool, with chunks small enough that every
+    /// blob and the body go in several content-range PUTs; filter_output in the create
+    /// and, once changed, in a PATCH.
+    #[actix_rt::test]
+    async fn receive_parsing_chunked_with_filter_output() {
+        let rcv = Receiver::start(ReceiverOptions::new("127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap();
+        let cfg = RestOutputFilter {
+            static_endpoint: Some(format!("{}/senders/router/transactions", rcv.base_url)),
+            rcpt_timeout: Duration::from_secs(10),
+            data_timeout: Duration::from_secs(10),
+            verify: koukan::config::TlsVerify::System,
+            chunk_size: Some(7),
+        };
+        let mut chain = Chain::new(vec![Box::new(RestOutput::new(cfg))]);
+        let mut tx = ChainTx::default();
+        tx.tx.mail_from = Some(Mailbox::new("a@x"));
+        tx.tx.rcpt_to = vec![Mailbox::new("b@y")];
+        tx.route.sender = Some(Sender::new("router", None));
+        tx.route.options.receive_parsing = Some(ReceiveParsing { max_inline: 5 });
+        tx.route.options.send_filter_output = Some(true);
+        tx.signals.insert("f1".into(), json!({"status": 0}));
+        chain.update(&mut tx).await;
+        assert_eq!(tx.tx.mail_response.as_ref().unwrap().code, 250);
+        assert_eq!(tx.rcpt_response(0).unwrap().code, 250);
+
+        // The next run: the router filter no longer sets the route; a signal changed.
+        tx.route = Route::default();
+        tx.signals.insert("f2".into(), json!({"n": 1}));
+        tx.body = Some(MessageBody::bytes(MULTIPART));
+        chain.update(&mut tx).await;
+        assert_eq!(tx.tx.data_response.as_ref().unwrap().code, 250, "{tx:?}");
+
+        let got = rcv.messages();
+        assert_eq!(got.len(), 1);
+        let m = &got[0];
+        assert_eq!(m.body.as_deref(), Some(MULTIPART.as_bytes()));
+        assert_eq!(
+            m.tx_json["filter_output"],
+            json!({"f1": {"status": 0}, "f2": {"n": 1}})
+        );
+        assert_eq!(m.tx_json["sender"], json!({"name": "router"}));
+        let parsed = m.message_json.as_ref().expect("parsed message posted");
+        assert!(parsed["parts"].is_object());
+        let blobs: Vec<Vec<u8>> = m.blobs.values().map(|b| b.data.clone()).collect();
+        assert!(m.blobs.values().all(|b| b.finalized));
+        assert!(
+            blobs.contains(&b"the plain text part".to_vec()),
+            "{blobs:?}"
+        );
+        assert!(blobs.contains(&b"an attachment body".to_vec()), "{blobs:?}");
+        rcv.stop().await;
+    }
 
     #[test]
     fn create_presents_the_route_sender() {
