@@ -22,6 +22,8 @@ struct Cli {
 enum Tool {
     /// SMTP/LMTP sink: accepts, counts, optionally saves or prints every message.
     Sink(SinkArgs),
+    /// Load generator: SMTP or REST messages at a given concurrency; JSON summary.
+    Load(koukan_actors::tools::load::LoadArgs),
     /// SMTP/LMTP client: sends one message and prints every reply.
     Send(SendArgs),
     /// Generates an SMTP AUTH secret and its hash for the gateway's auth_secrets file.
@@ -76,6 +78,7 @@ fn main() -> anyhow::Result<ExitCode> {
     koukan_actors::logging::init();
     match cli.tool {
         Tool::Sink(a) => run_sink(a).map(|()| ExitCode::SUCCESS),
+        Tool::Load(a) => koukan_actors::tools::load::main(a).map(|()| ExitCode::SUCCESS),
         Tool::Send(a) => run_send(a),
         Tool::Secret(a) => run_secret(a),
         Tool::RestSend(a) => run_rest_send(a),
