@@ -66,6 +66,9 @@ fn yaml(o: &Opts, port: u16, db: &std::path::Path, receiver: &str) -> String {
         r#"global:
   mailer_daemon_mailbox: mailer-daemon@example.com
   dequeue: {dequeue}
+  executor:
+    output:
+      max_inflight: 100
 rest_listener:
   addr: ["127.0.0.1", {port}]
   session_uri: http://127.0.0.1:{port}
@@ -580,4 +583,283 @@ async fn cancel_stops_retries_without_bounce() {
     assert!(env.drain().await.is_empty(), "no retry, no DSN");
     assert_eq!(env.rx.to("hangdata").len(), 1);
     assert!(env.rx.dsns().is_empty());
+}
+
+#[actix_rt::test]
+async fn oneshot_temporary_failure_has_a_visible_end() {
+    let env = start(Opts::default()).await;
+    let url = env
+        .submit(
+            "submission/oneshot",
+            "alice@example.com",
+            "data4@example.net",
+            MESSAGE,
+        )
+        .await;
+    let v = env.wait_final(&url).await;
+    assert_eq!(
+        v["final_attempt_reason"],
+        "upstream temporary failure (no retry)"
+    );
+    assert_eq!(code(&v["data_response"]), 452);
+    assert!(v.get("retry").is_none());
+    let r = env.record(&url).await;
+    assert_eq!(
+        r.final_attempt_reason.as_deref(),
+        Some("oneshot"),
+        "storage keeps the marker"
+    );
+    assert!(env.drain().await.is_empty());
+}
+
+// ---- exploder ------------------------------------------------------------------------
+
+/// What an SMTP client of the router got.
+#[derive(Debug)]
+struct Smtp {
+    mail: koukan::Response,
+    rcpts: Vec<koukan::Response>,
+    data: Option<koukan::Response>,
+    url: String,
+}
+
+impl Env {
+    /// One SMTP-style transaction through the router's incremental dialect: MAIL, each
+    /// RCPT (answered before the next is sent), then the body if some RCPT succeeded.
+    async fn smtp_tx(&self, sender: &str, rcpts: &[&str]) -> Smtp {
+        self.smtp_tx_paused(sender, rcpts, Duration::ZERO).await
+    }
+
+    /// As `smtp_tx`, pausing `pause` between the last RCPT and the body while sending a
+    /// heartbeat every second.
+    async fn smtp_tx_paused(&self, sender: &str, rcpts: &[&str], pause: Duration) -> Smtp {
+        let deadline = || std::time::Instant::now() + Duration::from_secs(20);
+        let mut c = self.smtp(sender).await;
+        let mail = c.wait_mail(deadline()).await.unwrap();
+        let mut got = Vec::new();
+        for (i, r) in rcpts.iter().enumerate() {
+            c.update(&koukan::transaction::Update {
+                rcpt_to: vec![koukan::Mailbox::new(*r)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            got.push(c.wait_rcpt(i, deadline()).await.unwrap());
+        }
+        let until = Instant::now() + pause;
+        while Instant::now() < until {
+            actix_rt::time::sleep(Duration::from_secs(1)).await;
+            c.heartbeat().await.unwrap();
+        }
+        let mut data = None;
+        if got.iter().any(koukan::Response::ok) {
+            c.put_chunk(bytes::Bytes::from_static(MESSAGE.as_bytes()), true)
+                .await
+                .unwrap();
+            data = Some(c.wait_data(deadline()).await.unwrap());
+        } else {
+            // What an SMTP gateway does on RSET/QUIT after failed recipients.
+            c.cancel().await;
+        }
+        Smtp {
+            mail,
+            rcpts: got,
+            data,
+            url: c.url().to_string(),
+        }
+    }
+}
+
+/// Runs every single-recipient cell of router.md §4.4 for one mode, concurrently:
+/// (recipient, RCPT code, RCPT message part, DATA code).
+async fn table(env: &Env, sender: &str, cells: &[(&str, u16, &str, Option<u16>)]) {
+    let runs = cells
+        .iter()
+        .map(|(rcpt, ..)| async move { env.smtp_tx(sender, &[rcpt]).await });
+    let results = futures_util::future::join_all(runs).await;
+    for ((rcpt, rcode, rmsg, dcode), got) in cells.iter().zip(results) {
+        assert_eq!(got.mail.code, 250, "{rcpt}: {got:?}");
+        assert_eq!(got.mail.message, "MAIL ok (exploder noop)");
+        assert_eq!(got.rcpts[0].code, *rcode, "{sender} {rcpt}: {got:?}");
+        assert!(
+            got.rcpts[0].message.contains(rmsg),
+            "{sender} {rcpt}: {got:?}"
+        );
+        assert_eq!(
+            got.data.as_ref().map(|d| d.code),
+            *dcode,
+            "{sender} {rcpt}: {got:?}"
+        );
+        // Downstream transactions end visibly.
+        let v = env.wait_final(&got.url).await;
+        assert!(v["final_attempt_reason"].is_string(), "{rcpt}: {v}");
+    }
+}
+
+#[actix_rt::test]
+async fn exploder_msa_table() {
+    let env = start(Opts::default()).await;
+    env.router.output.shift_clock(-SHIFT);
+    let saf = "(AsyncFilterWrapper store&forward)";
+    table(
+        &env,
+        "msa",
+        &[
+            ("mail4@example.net", 250, saf, Some(250)),
+            ("mail5@example.net", 553, "precondition MAIL", None),
+            ("hang@example.net", 250, saf, Some(250)),
+            ("rcpt4@example.net", 250, saf, Some(250)),
+            ("rcpt5@example.net", 550, "rcpt5 says no such user", None),
+            ("hangdata@example.net", 250, "rcpt ok", Some(250)),
+            ("data4@example.net", 250, "rcpt ok", Some(250)),
+            ("data5@example.net", 250, "rcpt ok", Some(554)),
+            ("ok@example.net", 250, "rcpt ok", Some(250)),
+        ],
+    )
+    .await;
+    // Everything accepted by store-and-forward is now retried and bounced on its own:
+    // the temporary failures are due at once, with retry and notification enabled.
+    // (`hang`, `hangdata`: once their upstream attempt gave up waiting.)
+    let mut due: Vec<String> = Vec::new();
+    let deadline = Instant::now() + LIMIT;
+    while due.len() < 5 {
+        match env.router.storage.dequeue().await.unwrap() {
+            Some(r) => {
+                assert!(r.tx.retry && r.tx.notification, "{r:?}");
+                due.push(r.tx.rcpt_to[0].mailbox.clone());
+            }
+            None => actix_rt::time::sleep(Duration::from_millis(50)).await,
+        }
+        assert!(Instant::now() < deadline, "due: {due:?}");
+    }
+    assert!(env.router.storage.dequeue().await.unwrap().is_none());
+    due.sort();
+    assert_eq!(
+        due,
+        [
+            "data4@example.net",
+            "hang@example.net",
+            "hangdata@example.net",
+            "mail4@example.net",
+            "rcpt4@example.net"
+        ]
+    );
+}
+
+#[actix_rt::test]
+async fn exploder_ingress_table() {
+    let env = start(Opts::default()).await;
+    table(
+        &env,
+        "ingress",
+        &[
+            ("mail4@example.net", 451, "precondition MAIL", None),
+            ("mail5@example.net", 553, "precondition MAIL", None),
+            ("hang@example.net", 450, "upstream timeout", None),
+            ("rcpt4@example.net", 450, "rcpt4 says try later", None),
+            ("rcpt5@example.net", 550, "rcpt5 says no such user", None),
+            ("hangdata@example.net", 250, "rcpt ok", Some(450)),
+            ("data4@example.net", 250, "rcpt ok", Some(452)),
+            ("data5@example.net", 250, "rcpt ok", Some(554)),
+            ("ok@example.net", 250, "rcpt ok", Some(250)),
+        ],
+    )
+    .await;
+    // Nothing is stored for later: the client was told to retry or that it failed.
+    assert!(env.drain().await.is_empty());
+    assert!(env.rx.dsns().is_empty());
+    // What timed out never got a body upstream.
+    assert!(env.rx.to("hang@").iter().all(|t| t.body.is_empty()));
+}
+
+#[actix_rt::test]
+async fn exploder_multi_recipient() {
+    let env = start(Opts::default()).await;
+    for sender in ["msa", "ingress"] {
+        let same = env
+            .smtp_tx(sender, &["ok@example.net", "ok2@example.net"])
+            .await;
+        let d = same.data.unwrap();
+        assert_eq!(d.code, 250);
+        assert_eq!(d.message, "data ok (Exploder same response)");
+        let same = env
+            .smtp_tx(sender, &["data5a@example.net", "data5b@example.net"])
+            .await;
+        assert_eq!(same.data.unwrap().code, 554);
+        let same = env
+            .smtp_tx(sender, &["data4a@example.net", "data4b@example.net"])
+            .await;
+        let d = same.data.unwrap();
+        match sender {
+            // msa stores and forwards each temporary failure.
+            "msa" => assert_eq!(d.code, 250, "{d:?}"),
+            _ => assert_eq!(
+                (d.code, d.message.as_str()),
+                (452, "4.3.1 data4 says try later (Exploder same response)")
+            ),
+        }
+    }
+    assert_eq!(env.drain().await.len(), 2, "the two msa data4 recipients");
+}
+
+#[actix_rt::test]
+async fn exploder_mixed_outcome_stores_and_forwards_the_failures() {
+    let env = start(Opts::default()).await;
+    env.router.output.shift_clock(-SHIFT);
+    for sender in ["msa", "ingress"] {
+        let got = env
+            .smtp_tx(
+                sender,
+                &["ok@example.net", "data4@example.net", "data5@example.net"],
+            )
+            .await;
+        let d = got.data.unwrap();
+        assert_eq!(
+            (d.code, d.message.as_str()),
+            (250, "DATA ok (Exploder store&forward)"),
+            "{sender}"
+        );
+    }
+    assert_eq!(env.rx.to("ok@").len(), 2);
+    assert_eq!(env.rx.to("data5").len(), 2);
+    // data4 is retried (revived from oneshot) until max_attempts, then bounced; data5,
+    // already final, gets only its bounce (a notification pass that must not deliver).
+    let ran = env.drain().await;
+    let mut kinds: Vec<String> = ran
+        .iter()
+        .map(|r| {
+            format!(
+                "{} pending={}",
+                r.tx.rcpt_to[0].mailbox, r.notification_pending
+            )
+        })
+        .collect();
+    kinds.sort();
+    kinds.dedup_by(|a, b| a == b);
+    assert_eq!(
+        kinds,
+        [
+            "alice@example.com pending=false",
+            "data4@example.net pending=false",
+            "data5@example.net pending=true",
+        ],
+    );
+    assert_eq!(ran.iter().filter(|r| r.notification_pending).count(), 2);
+    assert_eq!(
+        env.rx.to("data5").len(),
+        2,
+        "no redelivery of a final recipient"
+    );
+    assert_eq!(env.rx.to("data4").len(), 6, "three attempts each");
+    let dsns = env.rx.dsns();
+    assert_eq!(dsns.len(), 4, "exactly one per failed recipient");
+    for d in &dsns {
+        let text = String::from_utf8_lossy(&d.body);
+        let status = if text.contains("data5@example.net") {
+            "5.0.0"
+        } else {
+            "4.0.0"
+        };
+        check_dsn(d, status);
+    }
 }

@@ -141,12 +141,28 @@ fn body_view(settings: &Settings, record: &TxRecord) -> BodyView {
     }
 }
 
+/// Shown for a transaction without retry whose one attempt failed temporarily: storage
+/// keeps the internal `oneshot` marker, but clients need a visible end (README decision 1).
+pub const REASON_ONESHOT_TEMPFAIL: &str = "upstream temporary failure (no retry)";
+
 fn read_response(status: StatusCode, settings: &Settings, record: &TxRecord) -> HttpResponse {
     let view = body_view(settings, record);
+    // While the attempt runs (lease held) the marker means nothing yet; once retry is
+    // enabled (the exploder storing and forwarding) storage clears it.
+    let oneshot_done = record.tx.final_attempt_reason.is_none()
+        && record.final_attempt_reason.as_deref() == Some(koukan_db::ONESHOT)
+        && record.lease.is_none();
+    let body = if oneshot_done {
+        let mut tx = record.tx.clone();
+        tx.final_attempt_reason = Some(REASON_ONESHOT_TEMPFAIL.to_string());
+        render_read(&tx, Some(&view))
+    } else {
+        render_read(&record.tx, Some(&view))
+    };
     HttpResponse::build(status)
         .insert_header(("etag", record.version.to_string()))
         .content_type("application/json")
-        .body(render_read(&record.tx, Some(&view)))
+        .body(body)
 }
 
 fn valid_id(id: &str) -> Result<(), RestError> {

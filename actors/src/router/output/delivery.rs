@@ -78,8 +78,12 @@ impl Actor for Delivery {
             responses: self.responses.clone(),
             finished: self.finished.clone(),
         };
+        let notify_only = self.record.notification_pending;
         let fut = async move {
             match built {
+                // Notification was enabled after the final attempt (storage.md T10/T11):
+                // nothing goes upstream again, only the bounce question is settled.
+                _ if notify_only => attempt.notify_only(built.ok()).await,
                 Ok(chain) => attempt.run(chain).await,
                 Err(e) => {
                     tracing::error!(rest_id = %attempt.record.rest_id, "building the output chain: {e}");
@@ -391,7 +395,7 @@ impl Attempt {
                 let tx = envelope_with(&record.tx, &responses);
                 if let Some(response) = bounce_response(&tx, last) {
                     dsn = self
-                        .dsn(record, view, params, out, &tx, &response, now)
+                        .dsn(record, view.body.as_ref(), params, out, &tx, &response, now)
                         .await;
                 }
             }
@@ -419,11 +423,59 @@ impl Attempt {
         }
     }
 
+    /// The notification-only pass of a final transaction: a DSN from the stored responses
+    /// of its last attempt if they call for one, and `notification_done` either way (a
+    /// pass that cannot decide must not be dequeued again forever, storage.md S12).
+    async fn notify_only(&self, out: Option<OutputChain>) {
+        let record = &self.record;
+        let mut dsn = None;
+        match &out {
+            Some(out) if !record.tx.cancelled => {
+                if let Some(response) = bounce_response(&record.tx, true) {
+                    let now = self.output.now().await;
+                    let body = body_of(&self.output.storage, record);
+                    dsn = self
+                        .dsn(
+                            record,
+                            body.as_ref(),
+                            &out.params,
+                            out,
+                            &record.tx,
+                            &response,
+                            now,
+                        )
+                        .await;
+                }
+            }
+            Some(_) => {}
+            None => {
+                tracing::error!(rest_id = %record.rest_id, "no output chain for this sender: no DSN")
+            }
+        }
+        // No responses: the last attempt's stay as they are.
+        let finish = Finish {
+            responses: Transaction::default(),
+            final_attempt_reason: None,
+            next_attempt_time: None,
+            notification_done: true,
+            dsn: dsn.clone(),
+        };
+        match self.write(&Transaction::default(), Some(finish)).await {
+            Ok(_) => {
+                *self.finished.borrow_mut() = true;
+                if dsn.is_some() {
+                    self.output.kick_dequeue();
+                }
+            }
+            Err(e) => tracing::error!(rest_id = %record.rest_id, "notification write failed: {e}"),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn dsn(
         &self,
         record: &TxRecord,
-        view: &ChainTx,
+        body: Option<&MessageBody>,
         params: &OutputParams,
         out: &OutputChain,
         tx: &Transaction,
@@ -444,7 +496,7 @@ impl Attempt {
             .resolve_sender(&notification.sender, notification.tag.as_deref())
             .map(|s| s.retry)
             .unwrap_or(false);
-        let headers = original_headers(view.body.as_ref()).await;
+        let headers = original_headers(body).await;
         DsnRequest {
             rest_id: koukan::rest_id::new_rest_id(self.output.settings.rest_id_entropy),
             sender: koukan::Sender::new(notification.sender.clone(), notification.tag.clone()),
