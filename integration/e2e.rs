@@ -233,7 +233,7 @@ endpoint:
     dry_run: true
     policy:
       name: address_list
-      domains: [example.com, lmtp.example, rcv.example]
+      domains: [example.com, lmtp.example, rcv.example, failover.example]
       destination:
   - filter: router
     dry_run: true
@@ -272,6 +272,18 @@ endpoint:
         host_list:
         - host: 127.0.0.1
           port: {sink}
+  # the first next hop refuses connections: rest_output tries the second
+  - filter: router
+    policy:
+      name: address_list
+      domains: [failover.example]
+      destination:
+        endpoint: gateway
+        host_list:
+        - host: 127.0.0.1
+          port: {dead}
+        - host: 127.0.0.1
+          port: {sink}
   - filter: router
   - filter: message_parser
   - filter: rest_output
@@ -282,7 +294,8 @@ storage:
   url: sqlite:///{db}
   session_refresh_interval: 30
 "#,
-        db = db.display()
+        db = db.display(),
+        dead = free_port(),
     )
 }
 
@@ -701,4 +714,18 @@ async fn tools_against_the_stack() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "my-secret 186ef76e9d6a723ecb570d4d9c287487d001e5d35f7ed4a313350a407950318e"
     );
+}
+
+#[actix_rt::test]
+async fn next_hop_failover() {
+    let s = Stack::start().await;
+    let msg = message("failover", 1024);
+    let r = s
+        .smtp(s.mx, "alice@client.test", &["frank@failover.example"], &msg)
+        .await;
+    assert!(r.delivered(), "{r:?}\n{}", s.logs());
+    let msgs = s.sink.messages();
+    assert_eq!(msgs.len(), 1, "{}", s.logs());
+    assert_eq!(msgs[0].rcpt_to, vec!["frank@failover.example".to_string()]);
+    assert_eq!(without_received(&msgs[0].data), &msg[..]);
 }

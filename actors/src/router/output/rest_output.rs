@@ -113,7 +113,7 @@ impl RestOutput {
             let is_last = i + 1 == hosts.len();
             let deadline = Instant::now() + self.cfg.rcpt_timeout;
             let create = Self::create_tx(tx, host.as_ref(), &pending);
-            let mut upstream = match RestTransaction::create_with(
+            let upstream = match RestTransaction::create_with(
                 http.clone(),
                 self.settings(),
                 &url,
@@ -123,7 +123,9 @@ impl RestOutput {
             )
             .await
             {
-                Ok(u) => u,
+                // Held from the start: a cancel that interrupts the waits below still
+                // finds it to cancel.
+                Ok(u) => self.upstream.insert(u),
                 Err(e) => {
                     tracing::info!(url, host = ?host, "rest_output create: {}", e.detail());
                     last_err = Some(e);
@@ -135,12 +137,14 @@ impl RestOutput {
                 Err(e) => {
                     last_err = Some(e);
                     upstream.cancel().await;
+                    self.upstream = None;
                     continue;
                 }
             };
             if mail.temp() && !is_last {
                 // Abandoned attempts are cancelled, not left for the destination's GC.
                 upstream.cancel().await;
+                self.upstream = None;
                 last_err = None;
                 tx.tx.mail_response = Some(mail);
                 continue;
@@ -154,7 +158,6 @@ impl RestOutput {
                 tx.set_rcpt_response(*d, resp);
             }
             self.sent = pending;
-            self.upstream = Some(upstream);
             self.route = Some(tx.route.clone());
             return;
         }
