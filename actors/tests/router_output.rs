@@ -863,3 +863,127 @@ async fn exploder_mixed_outcome_stores_and_forwards_the_failures() {
         check_dsn(d, status);
     }
 }
+
+#[actix_rt::test]
+async fn exploder_late_rcpt_answer() {
+    let env = start(Opts {
+        dequeue: true,
+        ..Default::default()
+    })
+    .await;
+    // Answered upstream after 2 s; the exploder waits 1 s.
+    let got = env.smtp_tx("ingress", &["slow2000i@example.net"]).await;
+    assert_eq!(got.rcpts[0].code, 450, "{got:?}");
+    assert!(got.rcpts[0].message.contains("upstream timeout"));
+    let got = env.smtp_tx("msa", &["slow2000m@example.net"]).await;
+    assert_eq!(got.rcpts[0].code, 250, "{got:?}");
+    assert!(got.rcpts[0].message.contains("store&forward"));
+    assert_eq!(got.data.as_ref().unwrap().code, 250);
+    assert!(got.data.unwrap().message.contains("store&forward"));
+    // The stored recipient is delivered after all.
+    env.rx
+        .wait(LIMIT, "the late recipient's delivery", |t| {
+            t.iter().any(|t| {
+                t.to("slow2000m")
+                    && t.body == MESSAGE.as_bytes()
+                    && t.data_response.as_ref().is_some_and(|d| d.code == 250)
+            })
+        })
+        .await;
+    assert!(env.rx.to("slow2000i").iter().all(|t| t.body.is_empty()));
+    assert!(env.rx.dsns().is_empty());
+}
+
+/// R1: a downstream pausing longer than the upstream chain's `downstream_timeout` (while
+/// sending heartbeats) does not lose the message.
+#[actix_rt::test]
+async fn heartbeats_keep_upstream_transactions_alive() {
+    let env = start(Opts {
+        downstream_timeout: 2,
+        upstream_refresh: 1,
+        exploder_refresh: 1,
+        exploder_data_timeout: 5,
+        ..Default::default()
+    })
+    .await;
+    for (sender, rcpt) in [("msa", "okm@example.net"), ("ingress", "oki@example.net")] {
+        let got = env
+            .smtp_tx_paused(sender, &[rcpt], Duration::from_secs(5))
+            .await;
+        assert_eq!(got.rcpts[0].code, 250);
+        let d = got.data.unwrap();
+        assert_eq!((d.code, d.message.as_str()), (250, "data ok"), "{sender}");
+        let t = env.rx.to(rcpt.split('@').next().unwrap());
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].body, MESSAGE.as_bytes());
+        assert!(t[0].heartbeats > 0, "upstream kept alive too: {:?}", t[0]);
+        let v = env.wait_final(&got.url).await;
+        assert_eq!(v["final_attempt_reason"], "upstream response success");
+    }
+}
+
+/// A filter that panics for recipients `boom…`.
+struct Panicky;
+
+impl koukan::filter::Filter for Panicky {
+    fn on_update<'a>(
+        &'a mut self,
+        tx: &'a mut koukan::filter::ChainTx,
+        next: koukan::filter::Next<'a>,
+    ) -> koukan::filter::LocalFuture<'a, ()> {
+        Box::pin(async move {
+            if tx.tx.rcpt_to.iter().any(|r| r.mailbox.starts_with("boom")) {
+                panic!("test filter panics on purpose");
+            }
+            next.run(tx).await
+        })
+    }
+}
+
+#[actix_rt::test]
+async fn panicking_filter_fails_only_its_attempt() {
+    let mut extra = Filters::default();
+    extra.register(
+        "panicky",
+        |_: &koukan::config::FilterConfig,
+         _: &koukan_actors::router::output::BuildContext<'_>|
+         -> Result<
+            Option<Box<dyn koukan::filter::Filter>>,
+            koukan_actors::router::output::BuildError,
+        > { Ok(Some(Box::new(Panicky))) },
+    );
+    let env = start_with(
+        Opts {
+            pre_filters: "  - filter: panicky".into(),
+            ..Default::default()
+        },
+        extra,
+        &["panicky"],
+    )
+    .await;
+    let url = env
+        .submit(
+            "submission",
+            "alice@example.com",
+            "boom@example.net",
+            MESSAGE,
+        )
+        .await;
+    let r = env.attempt_done(&url, 1).await;
+    assert_eq!(
+        r.tx.final_attempt_reason, None,
+        "retried, not failed for good"
+    );
+    let next = r.next_attempt_time.expect("retry scheduled");
+    // bug_retry: 900 s.
+    assert!(next - r.last_update >= 899, "{r:?}");
+    let v = env.read(&url).await;
+    assert_eq!(code(&v["mail_response"]), 450, "{v}");
+    assert_eq!(env.router.output.active(), 0, "the attempt's slot is free");
+    // The router goes on serving.
+    let url = env
+        .submit("submission", "alice@example.com", "ok@example.net", MESSAGE)
+        .await;
+    let v = env.wait_final(&url).await;
+    assert_eq!(v["final_attempt_reason"], "upstream response success");
+}

@@ -268,6 +268,15 @@ impl Exploder {
     /// Turns on retry and bounces for a recipient: it will be delivered or bounced.
     async fn enable_retry(r: &mut Recipient) -> Response {
         r.forward = true;
+        // A transaction that already ended for good without a DATA answer (e.g. its own
+        // downstream timeout) can be neither retried nor bounced: accepting it would
+        // drop the message (R1). The client must retry.
+        if let Some(rec) = r.rx.as_ref().map(|rx| rx.borrow().clone())
+            && rec.is_final()
+            && rec.tx.data_response.is_none()
+        {
+            return Response::new(451, "4.4.0 upstream transaction ended without a response");
+        }
         match &r.actor {
             Some(a) => match a.send(EnableRetry).await {
                 Ok(Ok(_)) => Response::new(250, format!("DATA ok {SAF}")),
