@@ -3,4 +3,5 @@
 mod e2e;
 mod harness;
 mod router_cluster;
+mod router_delivery;
 mod router_process;
