@@ -62,7 +62,7 @@ async fn kill_during_delivery(storage_url: &str) {
     let mut router = Process::start(ROUTER_BIN, &cfg, port, dir.path(), "router");
 
     let message = "From: alice@example.com\r\nSubject: crash\r\n\r\nsurvive me\r\n";
-    let mut resp = client()
+    let resp = client()
         .post(format!(
             "http://127.0.0.1:{port}/senders/submission/transactions"
         ))
@@ -134,4 +134,21 @@ async fn kill_9_during_delivery_postgres() {
         return;
     };
     kill_during_delivery(&db.url()).await;
+}
+
+/// The binary registers `http_hook`: a configuration using it loads and serves.
+#[test]
+fn binary_accepts_http_hook() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("sqlite:///{}", dir.path().join("r.sqlite3").display());
+    let yaml = config(port, &url, "http://127.0.0.1:9/senders/x/transactions").replace(
+        "  chain:\n",
+        "  chain:\n  - filter: http_hook\n    url: http://127.0.0.1:9/hook\n    on_error: accept\n",
+    );
+    assert!(yaml.contains("http_hook"));
+    let cfg = dir.path().join("router.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let mut router = Process::start(ROUTER_BIN, &cfg, port, dir.path(), "router");
+    assert!(router.terminate().success(), "{}", router.log());
 }

@@ -169,11 +169,23 @@ async fn start(o: Opts) -> Env {
 
 /// Starts a router with the built-in filters plus `extra` (registered under `plugins`).
 async fn start_with(o: Opts, extra: Filters, plugins: &[&str]) -> Env {
-    let rx = Receiver::start();
+    start_full(o, extra, plugins, Receiver::start()).await
+}
+
+/// Starts a router delivering to a receiver already running (whose address the options
+/// mention).
+async fn start_on(o: Opts, rx: Receiver) -> Env {
+    start_full(o, Filters::default(), &[], rx).await
+}
+
+async fn start_full(o: Opts, extra: Filters, plugins: &[&str], rx: Receiver) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let text = yaml(&o, port, &dir.path().join("router.sqlite3"), &rx.endpoint());
-    let is_plugin = |n: &str| plugins.contains(&n);
+    let mut filters = koukan_actors::router::output::builtin_filters();
+    filters.extend(extra);
+    // As the router binary: every registered name is accepted (`http_hook`, test plugins).
+    let is_plugin = |n: &str| plugins.contains(&n) || filters.contains(n);
     let cfg = RouterConfig::from_yaml_str_with(
         &text,
         &LoadOptions {
@@ -184,8 +196,6 @@ async fn start_with(o: Opts, extra: Filters, plugins: &[&str]) -> Env {
     .unwrap_or_else(|e| panic!("{e}\n{text}"));
     let mut settings = Settings::from_config(Arc::new(cfg)).unwrap();
     settings.http_workers = 2;
-    let mut filters = koukan_actors::router::output::builtin_filters();
-    filters.extend(extra);
     let (router, server) = Router::start_with(settings, filters).await.unwrap();
     actix_rt::spawn(server);
     Env {
@@ -470,6 +480,7 @@ async fn temporary_failures_retry_with_backoff_then_bounce_once() {
     assert_eq!(dsns.len(), 1);
     check_dsn(&dsns[0], "4.0.0");
     assert_eq!(dsns[0].data_response.as_ref().unwrap().code, 250);
+    assert_eq!(env.body_of(dsn).await, dsns[0].body, "delivered as stored");
 }
 
 #[actix_rt::test]
@@ -986,4 +997,165 @@ async fn panicking_filter_fails_only_its_attempt() {
         .await;
     let v = env.wait_final(&url).await;
     assert_eq!(v["final_attempt_reason"], "upstream response success");
+}
+
+// ---- add_route and http_hook -----------------------------------------------------------
+
+/// A `sor` sender whose chain delivers to the receiver's `/senders/sor` path.
+fn sor_yaml(receiver: &str) -> (String, String) {
+    (
+        "- name: sor\n  output_chain: sor\n  retry: output_chain\n".into(),
+        format!(
+            "- name: sor\n  output_handler:\n    retry_params: {{}}\n  chain:\n  - filter: rest_output\n    static_endpoint: {receiver}/senders/sor/transactions\n    rcpt_timeout: 4\n"
+        ),
+    )
+}
+
+#[actix_rt::test]
+async fn add_route_synchronous_fork() {
+    let rx = Receiver::start();
+    let (senders, endpoints) = sor_yaml(&rx.base);
+    let o = Opts {
+        pre_filters: "  - filter: add_route\n    sender: sor".into(),
+        senders,
+        endpoints,
+        ..Default::default()
+    };
+    let env = start_on(o, rx).await;
+    let url = env
+        .submit("submission", "alice@example.com", "ok@example.net", MESSAGE)
+        .await;
+    let v = env.wait_final(&url).await;
+    assert_eq!(v["final_attempt_reason"], "upstream response success");
+    let got = env.rx.to("ok");
+    let paths: Vec<&str> = got.iter().map(|t| t.sender_path.as_str()).collect();
+    assert_eq!(paths, ["sor", "router"], "fork first, then the primary");
+    assert!(got.iter().all(|t| t.body == MESSAGE.as_bytes()));
+
+    // The fork's failure answers the primary, which never goes out.
+    let url = env
+        .submit(
+            "submission",
+            "alice@example.com",
+            "rcpt5@example.net",
+            MESSAGE,
+        )
+        .await;
+    let v = env.wait_final(&url).await;
+    assert_eq!(v["final_attempt_reason"], "upstream rcpt_response permfail");
+    assert_eq!(
+        v["rcpt_response"][0]["message"],
+        "5.1.1 rcpt5 says no such user (AddRouteFilter upstream)"
+    );
+    let got = env.rx.to("rcpt5");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].sender_path, "sor");
+}
+
+#[actix_rt::test]
+async fn add_route_store_and_forward() {
+    let rx = Receiver::start();
+    let (senders, endpoints) = sor_yaml(&rx.base);
+    let env = start_on(
+        Opts {
+            dequeue: true,
+            pre_filters: "  - filter: add_route\n    sender: sor\n    store_and_forward: true"
+                .into(),
+            senders,
+            endpoints,
+            ..Default::default()
+        },
+        rx,
+    )
+    .await;
+    // The primary fails for good; the stored fork is delivered on its own.
+    let url = env
+        .submit(
+            "submission",
+            "alice@example.com",
+            "data5@example.net",
+            MESSAGE,
+        )
+        .await;
+    let v = env.wait_final(&url).await;
+    assert_eq!(v["final_attempt_reason"], "upstream response permfail");
+    let got = env
+        .rx
+        .wait(LIMIT, "both copies", |t| {
+            t.iter()
+                .filter(|t| t.to("data5") && t.data_response.is_some())
+                .count()
+                == 2
+        })
+        .await;
+    let mut paths: Vec<&str> = got
+        .iter()
+        .filter(|t| t.to("data5"))
+        .map(|t| t.sender_path.as_str())
+        .collect();
+    paths.sort();
+    assert_eq!(paths, ["router", "sor"]);
+    assert!(
+        got.iter()
+            .filter(|t| t.to("data5"))
+            .all(|t| t.body == MESSAGE.as_bytes())
+    );
+}
+
+#[actix_rt::test]
+async fn http_hook_rejects_and_fails_safe() {
+    for on_error in ["tempfail", "accept"] {
+        let rx = Receiver::start();
+        let hook = format!(
+            "  - filter: http_hook\n    url: {}/hook\n    timeout: 1\n    on_error: {on_error}",
+            rx.base
+        );
+        let env = start_on(
+            Opts {
+                pre_filters: hook,
+                ..Default::default()
+            },
+            rx,
+        )
+        .await;
+        let url = env
+            .submit("submission", "alice@example.com", "ok@example.net", MESSAGE)
+            .await;
+        let v = env.wait_final(&url).await;
+        assert_eq!(v["final_attempt_reason"], "upstream response success");
+        let hooks = env.rx.hooks();
+        assert_eq!(hooks[0]["rcpt_to"], json!([{"m": "ok@example.net"}]));
+        assert_eq!(hooks[0]["mail_from"], json!({"m": "alice@example.com"}));
+
+        let url = env
+            .submit(
+                "submission",
+                "alice@example.com",
+                "hookno@example.net",
+                MESSAGE,
+            )
+            .await;
+        let v = env.wait_final(&url).await;
+        assert_eq!(v["final_attempt_reason"], "upstream rcpt_response permfail");
+        assert_eq!(v["rcpt_response"][0]["message"], "5.7.1 the hook says no");
+        assert!(env.rx.to("hookno").is_empty(), "never sent upstream");
+
+        let url = env
+            .submit(
+                "submission",
+                "alice@example.com",
+                "hookslow@example.net",
+                MESSAGE,
+            )
+            .await;
+        if on_error == "tempfail" {
+            let r = env.attempt_done(&url, 1).await;
+            assert_eq!(r.tx.mail_response.as_ref().unwrap().code, 451, "{r:?}");
+            assert!(r.next_attempt_time.is_some(), "retried later");
+            assert!(env.rx.to("hookslow").is_empty());
+        } else {
+            let v = env.wait_final(&url).await;
+            assert_eq!(v["final_attempt_reason"], "upstream response success");
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use koukan::config::RouterConfig;
+use koukan::config::{LoadOptions, RouterConfig};
 use koukan_actors::router::{Router, Settings};
 
 /// The Koukan router: REST transactions, durable storage, output chains.
@@ -30,8 +30,17 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     koukan_actors::logging::init();
-    let cfg = RouterConfig::load(&args.config)
-        .with_context(|| format!("loading {}", args.config.display()))?;
+    // Filters this build registers beyond the built-in names (e.g. `http_hook`).
+    let filters = koukan_actors::router::output::builtin_filters();
+    let is_registered = |name: &str| filters.contains(name);
+    let cfg = RouterConfig::load_with(
+        &args.config,
+        &LoadOptions {
+            extra_filters: Some(&is_registered),
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("loading {}", args.config.display()))?;
     for w in cfg.warnings() {
         tracing::warn!("config: {w}");
     }
@@ -39,7 +48,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("checking files named in {}", args.config.display()))?;
     let settings = Settings::from_config(Arc::new(cfg))?;
     actix_rt::System::new().block_on(async move {
-        let (router, server) = Router::start(settings).await?;
+        let (router, server) = Router::start_with(settings, filters).await?;
         tracing::info!(addr = %router.addr, "router listening");
         // The server future must keep being polled while shutdown waits for it.
         let mut server = actix_rt::spawn(server);

@@ -15,6 +15,9 @@
 //! | anything else | 250 |
 //!
 //! Everything received is recorded: envelopes, bodies byte-exact, heartbeats, cancels.
+//!
+//! `POST /hook` is an `http_hook` endpoint: it records the JSON and answers by recipient:
+//! `hookno…` → RCPT 550, `hookslow…` → answers after 3 s, anything else → `{}`.
 
 #![allow(dead_code)]
 
@@ -80,6 +83,7 @@ struct Inner {
     hold: watch::Sender<bool>,
     /// Bumped on every change: what [`Receiver::wait`] follows.
     generation: watch::Sender<u64>,
+    hooks: Vec<serde_json::Value>,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -419,6 +423,36 @@ async fn cancel(shared: web::Data<Shared>, path: web::Path<String>) -> HttpRespo
     HttpResponse::Ok().finish()
 }
 
+async fn hook(shared: web::Data<Shared>, body: web::Json<serde_json::Value>) -> HttpResponse {
+    let v = body.into_inner();
+    let rcpts: Vec<String> = v["rcpt_to"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| m["m"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    {
+        let mut g = shared.lock().unwrap();
+        g.hooks.push(v);
+        g.generation.send_modify(|g| *g += 1);
+    }
+    if rcpts.iter().any(|r| local(r).starts_with("hookslow")) {
+        actix_rt::time::sleep(Duration::from_secs(3)).await;
+    }
+    let answers: Vec<serde_json::Value> = rcpts
+        .iter()
+        .map(|r| match local(r) {
+            l if l.starts_with("hookno") => {
+                serde_json::json!({"code": 550, "message": "5.7.1 the hook says no"})
+            }
+            _ => serde_json::Value::Null,
+        })
+        .collect();
+    HttpResponse::Ok().json(serde_json::json!({"rcpt_response": answers}))
+}
+
 /// A running receiver; stopped when dropped.
 pub struct Receiver {
     /// `http://127.0.0.1:<port>`.
@@ -440,6 +474,7 @@ impl Receiver {
             next: 0,
             hold: watch::channel(true).0,
             generation: watch::channel(0).0,
+            hooks: Vec::new(),
         }));
         let (started, ready) = std::sync::mpsc::channel();
         let data = web::Data::new(shared.clone());
@@ -455,6 +490,7 @@ impl Receiver {
                         .route("/transactions/{id}", web::patch().to(patch))
                         .route("/transactions/{id}/body", web::put().to(put_body))
                         .route("/transactions/{id}/cancel", web::post().to(cancel))
+                        .route("/hook", web::post().to(hook))
                 })
                 .workers(2)
                 .shutdown_timeout(1)
@@ -499,6 +535,11 @@ impl Receiver {
             .into_iter()
             .filter(Received::is_dsn)
             .collect()
+    }
+
+    /// The JSON every `/hook` call carried.
+    pub fn hooks(&self) -> Vec<serde_json::Value> {
+        self.shared.lock().unwrap().hooks.clone()
     }
 
     /// Lets held (`hold…`) data responses go.

@@ -1,12 +1,14 @@
 //! The output path: one [`Delivery`] actor per attempt drives a transaction through its
 //! output chain; the [`Dequeuer`] starts attempts that are due.
 
+pub mod add_route;
 mod blob;
 pub mod chains;
 mod delivery;
 mod dequeue;
 mod dsn;
 pub mod exploder;
+pub mod http_hook;
 mod notify;
 pub mod rest_output;
 
@@ -180,6 +182,30 @@ pub fn builtin_filters() -> Filters {
                         c,
                         sender,
                     ))))
+                }
+                _ => Err(mismatch(ctx)),
+            }
+        },
+    );
+    filters.register(
+        "add_route",
+        |cfg: &FilterConfig, ctx: &BuildContext<'_>| -> Built {
+            match cfg {
+                FilterConfig::AddRoute(c) => add_route::AddRoute::new(ctx.output, c)
+                    .map(|r| r.map(|r| Box::new(r) as _))
+                    .map_err(|e| invalid(ctx, format!("add_route: {e}"))),
+                _ => Err(mismatch(ctx)),
+            }
+        },
+    );
+    filters.register(
+        "http_hook",
+        |cfg: &FilterConfig, ctx: &BuildContext<'_>| -> Built {
+            match cfg {
+                FilterConfig::Plugin { name, yaml } if name == "http_hook" => {
+                    http_hook::HttpHookConfig::parse(yaml)
+                        .map(|c| Some(Box::new(http_hook::HttpHook::new(c)) as _))
+                        .map_err(|e| invalid(ctx, e))
                 }
                 _ => Err(mismatch(ctx)),
             }
