@@ -715,12 +715,25 @@ async fn cancel() {
     let j = read.json();
     assert_eq!(j["cancelled"], json!(true));
     assert_eq!(j["final_attempt_reason"], json!("downstream cancelled"));
+    // The running attempt then ends (its final write releases the lease): wait until the
+    // version settles.
+    let mut etag = read.etag();
+    loop {
+        let polled = r
+            .get(&loc, &[("if-none-match", etag.as_str()), ("request-timeout", "2")])
+            .await;
+        if polled.status == StatusCode::NOT_MODIFIED {
+            break;
+        }
+        etag = polled.etag();
+        assert_eq!(polled.json()["final_attempt_reason"], json!("downstream cancelled"));
+    }
     // Cancelling a finished transaction changes nothing.
     let again = r
         .send(r.client.post(r.url(&format!("{loc}/cancel"))), None)
         .await;
     assert_eq!(again.status, StatusCode::OK);
-    assert_eq!(r.get(&loc, &[]).await.etag(), read.etag());
+    assert_eq!(r.get(&loc, &[]).await.etag(), etag);
     let unknown = r
         .send(r.client.post(r.url("/transactions/nope/cancel")), None)
         .await;
