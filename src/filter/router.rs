@@ -28,16 +28,30 @@ use crate::{HostPort, Response, Sender};
 /// reference hard-codes 8000, `filters.md` F14; `host:port` in the YAML overrides it).
 pub const SHORT_CIRCUIT_PORT: u16 = 8000;
 
-/// Recipients (by index) that some router of the chain has routed.
+/// What the routers of one chain decided so far: the recipients (by index) that some
+/// router routed, and the transaction's route. The chain runs again on every update with a
+/// fresh view, so the route is kept here and re-applied.
 #[derive(Clone, Debug, Default)]
-pub struct RoutingMarks(Rc<RefCell<BTreeSet<usize>>>);
+pub struct RoutingMarks(Rc<RefCell<Marks>>);
+
+#[derive(Debug, Default)]
+struct Marks {
+    routed: BTreeSet<usize>,
+    route: Option<Route>,
+}
 
 impl RoutingMarks {
     pub fn is_routed(&self, i: usize) -> bool {
-        self.0.borrow().contains(&i)
+        self.0.borrow().routed.contains(&i)
     }
     fn mark(&self, i: usize) {
-        self.0.borrow_mut().insert(i);
+        self.0.borrow_mut().routed.insert(i);
+    }
+    fn route(&self) -> Option<Route> {
+        self.0.borrow().route.clone()
+    }
+    fn set_route(&self, route: &Route) {
+        self.0.borrow_mut().route = Some(route.clone());
     }
 }
 
@@ -301,6 +315,11 @@ impl Filter for Router {
     fn on_update<'a>(&'a mut self, tx: &'a mut ChainTx, next: Next<'a>) -> LocalFuture<'a, ()> {
         Box::pin(async move {
             if !tx.tx.cancelled {
+                if tx.route.endpoint.is_none()
+                    && let Some(route) = self.marks.route()
+                {
+                    tx.route = route;
+                }
                 route_pending(self, tx);
             }
             next.run(tx).await
@@ -324,6 +343,7 @@ fn route_pending(r: &Router, tx: &mut ChainTx) {
                 // The first routed recipient decides the transaction's route.
                 let first = !(0..tx.tx.rcpt_to.len()).any(|j| j != i && r.marks.is_routed(j));
                 if first {
+                    r.marks.set_route(&route);
                     tx.route = route;
                     r.marks.mark(i);
                 } else if tx.route == route {
@@ -523,6 +543,18 @@ endpoint:
             "router.internal"
         );
         assert_eq!(seen.borrow().len(), 1);
+
+        // A later run (the body arrived) gets a fresh view whose recipient is settled: the
+        // route chosen before still applies.
+        let filters: Vec<Box<dyn Filter>> = vec![
+            Box::new(Router::new(&r1, &cfg, &marks).unwrap()),
+            Box::new(Sink(seen.clone())),
+        ];
+        let mut later = tx(&["bob+x@example.com"]);
+        later.set_rcpt_response(0, Response::new(250, "ok"));
+        later.body = Some(MessageBody::bytes("Subject: x\r\n\r\nx\r\n"));
+        run(filters, &mut later);
+        assert_eq!(later.route.endpoint.as_deref(), Some("http://gw:8001"));
 
         // Not on the list: the catch-all rejects it at RCPT (never an open relay).
         let marks = RoutingMarks::default();
