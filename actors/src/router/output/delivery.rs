@@ -327,8 +327,11 @@ impl Attempt {
                     self.finish(&record, &view, &params, &out, reason, responses)
                         .await;
                     // Let upstream know nothing more is coming (e.g. rest_output cancels an
-                    // upstream transaction still waiting for a body).
-                    if !view.tx.cancelled && view.tx.data_response.is_none() {
+                    // upstream transaction still waiting for a body, or one whose DATA answer
+                    // timed out here, so a retry cannot deliver twice).
+                    if !view.tx.cancelled
+                        && !view.tx.data_response.as_ref().is_some_and(Response::ok)
+                    {
                         view.tx.cancelled = true;
                         out.chain.update(&mut view).await;
                     }

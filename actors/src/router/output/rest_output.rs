@@ -348,8 +348,10 @@ impl Filter for RestOutput {
     fn on_update<'a>(&'a mut self, tx: &'a mut ChainTx, _next: Next<'a>) -> LocalFuture<'a, ()> {
         Box::pin(async move {
             if tx.tx.cancelled {
+                // Upstream's own view decides: after a local timeout it may still be working
+                // on the message, and must stop before this attempt is retried.
                 if let Some(u) = self.upstream.as_mut()
-                    && tx.tx.data_response.is_none()
+                    && u.state().data_response.is_none()
                 {
                     u.cancel().await;
                 }
