@@ -119,11 +119,17 @@ pub(crate) async fn db_now(c: &mut Conn<'_>) -> Result<i64> {
     Ok(r.now)
 }
 
+// Single-row reads use `get_result` (first row, no LIMIT), not `first`: diesel's `first`
+// binds `LIMIT ?`, and SQLite (3.4x+, without QPSG) treats a bound LIMIT as a constant
+// of the plan, so every re-bind expires the cached statement and each execution was a
+// full re-parse and re-plan (`sqlite3Reprepare`: a fifth of the router's CPU under load).
+// The queries are by unique key or read few rows, so dropping the LIMIT costs nothing.
+// `first` stays where many rows could match (dequeue, recovery).
 async fn read_row(c: &mut Conn<'_>, id: DbId) -> Result<Option<TxRow>> {
     Ok(run!(c, |c| transactions::table
         .find(id)
         .select(TxRow::as_select())
-        .first(c)
+        .get_result(c)
         .await
         .optional())?)
 }
@@ -132,7 +138,7 @@ async fn read_row_rest(c: &mut Conn<'_>, rest_id: &str) -> Result<Option<TxRow>>
     Ok(run!(c, |c| transactions::table
         .filter(transactions::rest_id.eq(rest_id))
         .select(TxRow::as_select())
-        .first(c)
+        .get_result(c)
         .await
         .optional())?)
 }
@@ -178,7 +184,7 @@ async fn require_live(c: &mut Conn<'_>, me: SessionId) -> Result<()> {
     let live: Option<bool> = run!(c, |c| sessions::table
         .find(me)
         .select(sessions::live)
-        .first(c)
+        .get_result(c)
         .await
         .optional())?;
     if live == Some(true) {
@@ -215,8 +221,8 @@ async fn load_parts(
             )
             .select((TxRow::as_select(), sessions::uri.nullable()));
         match key {
-            Key::Id(id) => q.filter(transactions::id.eq(*id)).first(c).await,
-            Key::Rest(r) => q.filter(transactions::rest_id.eq(r)).first(c).await,
+            Key::Id(id) => q.filter(transactions::id.eq(*id)).get_result(c).await,
+            Key::Rest(r) => q.filter(transactions::rest_id.eq(r)).get_result(c).await,
         }
         .optional()
     })?;
@@ -239,7 +245,7 @@ async fn newest_attempt(c: &mut Conn<'_>, id: DbId) -> Result<Option<(i64, Optio
         .filter(attempts::transaction_id.eq(id))
         .order(attempts::attempt_id.desc())
         .select((attempts::attempt_id, attempts::responses))
-        .first(c)
+        .get_result(c)
         .await
         .optional())?)
 }
@@ -361,7 +367,7 @@ pub(crate) async fn version_probe(
         )
         .filter(transactions::rest_id.eq(rest_id))
         .select((transactions::version, sessions::uri.nullable()))
-        .first(c)
+        .get_result(c)
         .await
         .optional())?)
 }
@@ -391,7 +397,7 @@ pub(crate) async fn read_blob(
         let exists: Option<i64> = run!(c, |c| blobs::table
             .find(blob_id)
             .select(blobs::id)
-            .first(c)
+            .get_result(c)
             .await
             .optional())?;
         return match exists {
@@ -621,7 +627,7 @@ async fn reusable_blob(c: &mut Conn<'_>, uri: &BlobUri) -> Result<i64> {
         .filter(transactions::rest_id.eq(&uri.tx))
         .filter(tx_blobs::name.eq(&uri.blob))
         .select((blobs::id, blobs::length, blobs::total))
-        .first(c)
+        .get_result(c)
         .await
         .optional())?;
     match found {
@@ -703,7 +709,7 @@ pub(crate) async fn set_body(
     let has_body: Option<i64> = run!(c, |c| tx_blobs::table
         .filter(tx_blobs::transaction_id.eq(id))
         .select(tx_blobs::blob_id)
-        .first(c)
+        .get_result(c)
         .await
         .optional())?;
     if has_body.is_some() || row.message_builder.is_some() {
@@ -872,7 +878,7 @@ pub(crate) async fn append(
         )
         .filter(transactions::rest_id.eq(&a.rest_id))
         .select((TxRow::as_select(), sessions::uri.nullable()))
-        .first(c)
+        .get_result(c)
         .await
         .optional())?;
     let Some((row, holder_uri)) = found else {
@@ -888,7 +894,7 @@ pub(crate) async fn append(
         .filter(tx_blobs::transaction_id.eq(row.id))
         .filter(tx_blobs::name.eq(&a.blob))
         .select((blobs::id, blobs::length, blobs::total))
-        .first(c)
+        .get_result(c)
         .await
         .optional())?;
     let mut created = false;
