@@ -4,6 +4,7 @@
 pub mod client;
 pub mod gateway;
 pub mod logging;
+pub mod rest_server;
 pub mod router;
 pub mod signals;
 pub mod tools;

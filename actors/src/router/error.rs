@@ -27,6 +27,12 @@ pub enum RestError {
     Unavailable(String),
 }
 
+impl From<crate::rest_server::HeaderError> for RestError {
+    fn from(e: crate::rest_server::HeaderError) -> Self {
+        RestError::BadRequest(e.to_string())
+    }
+}
+
 impl From<StorageError> for RestError {
     fn from(e: StorageError) -> Self {
         match e {

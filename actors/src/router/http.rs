@@ -9,7 +9,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use koukan::range::{ContentRange, HeldRange};
+use koukan::range::HeldRange;
 use koukan::rest::{
     BODY_BLOB, BlobStatus, BodyRequest, BodyView, CreateRequest, MessageBuilderView,
     RESERVED_BLOB_PREFIX, parse_update, render_read,
@@ -25,9 +25,7 @@ use super::output::Output;
 use super::registry::Registry;
 use super::settings::{SenderError, Settings};
 use super::transaction::{Appended, Cancel, Open, Opened, Patch, Reload, TransactionActor};
-
-/// Longest a hanging GET waits.
-const MAX_POLL: Duration = Duration::from_secs(30);
+use crate::rest_server::{self, etag_value, header, method_not_allowed, not_found};
 
 pub struct State {
     pub settings: Arc<Settings>,
@@ -66,27 +64,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .default_service(web::to(not_found));
-}
-
-async fn not_found() -> HttpResponse {
-    HttpResponse::NotFound()
-        .content_type("application/json")
-        .body(r#"{"detail":"Not Found"}"#)
-}
-
-async fn method_not_allowed() -> HttpResponse {
-    HttpResponse::MethodNotAllowed()
-        .content_type("application/json")
-        .body(r#"{"detail":"Method Not Allowed"}"#)
-}
-
-fn header<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
-    req.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
-/// ETags are compared without surrounding quotes.
-fn etag_value(s: &str) -> &str {
-    s.trim().trim_matches('"')
 }
 
 fn base_of(settings: &Settings, finalized: bool) -> &str {
@@ -270,17 +247,6 @@ async fn create(
     Ok(resp)
 }
 
-fn request_timeout(req: &HttpRequest) -> Result<Duration, RestError> {
-    match header(req, "request-timeout") {
-        None => Ok(MAX_POLL),
-        Some(v) => v
-            .trim()
-            .parse::<u64>()
-            .map(|s| Duration::from_secs(s).min(MAX_POLL))
-            .map_err(|_| RestError::BadRequest("invalid request-timeout header".into())),
-    }
-}
-
 async fn get(
     state: Data,
     path: web::Path<String>,
@@ -289,7 +255,7 @@ async fn get(
     let id = path.into_inner();
     let etag = header(&req, "if-none-match").map(str::to_string);
     let timeout = match &etag {
-        Some(_) => request_timeout(&req)?,
+        Some(_) => rest_server::request_timeout(&req)?,
         None => Duration::ZERO,
     };
     let (addr, mut rx) = open(&state, &id, &req).await?;
@@ -347,7 +313,7 @@ async fn patch(
         None
     };
     if header(&req, "if-none-match").is_some() {
-        request_timeout(&req)?;
+        rest_server::request_timeout(&req)?;
     }
     let if_match = header(&req, "if-match")
         .map(|v| etag_value(v).to_string())
@@ -379,67 +345,6 @@ async fn put_blob(
     upload(state, id, Some(blob), req, payload).await
 }
 
-/// Where an upload request starts and what it declares.
-struct UploadPlan {
-    offset: u64,
-    /// Total length declared by the request (a plain PUT's content-length).
-    total: Option<u64>,
-    /// The request finalizes the blob at whatever length it ends (a plain PUT without
-    /// content-length).
-    finalize_at_end: bool,
-    /// `x-finalize-blob-length`: the request must carry no bytes.
-    finalize_only: bool,
-}
-
-fn plan_upload(req: &HttpRequest) -> Result<UploadPlan, RestError> {
-    let content_length = match header(req, "content-length") {
-        None => None,
-        Some(v) => Some(
-            v.trim()
-                .parse::<u64>()
-                .map_err(|_| RestError::BadRequest("invalid content-length".into()))?,
-        ),
-    };
-    if let Some(f) = header(req, "x-finalize-blob-length") {
-        let n = f
-            .trim()
-            .parse::<u64>()
-            .map_err(|_| RestError::BadRequest("invalid x-finalize-blob-length".into()))?;
-        if content_length.unwrap_or(0) > 0 {
-            return Err(RestError::BadRequest(
-                "x-finalize-blob-length with non-empty PUT".into(),
-            ));
-        }
-        return Ok(UploadPlan {
-            offset: n,
-            total: Some(n),
-            finalize_at_end: false,
-            finalize_only: true,
-        });
-    }
-    if let Some(r) = header(req, "content-range") {
-        let range =
-            ContentRange::parse(r).map_err(|_| RestError::BadRequest("bad range".into()))?;
-        if content_length != Some(range.len()) {
-            return Err(RestError::BadRequest(
-                "content-range length does not match content-length".into(),
-            ));
-        }
-        return Ok(UploadPlan {
-            offset: range.first,
-            total: range.total,
-            finalize_at_end: false,
-            finalize_only: false,
-        });
-    }
-    Ok(UploadPlan {
-        offset: 0,
-        total: content_length,
-        finalize_at_end: content_length.is_none(),
-        finalize_only: false,
-    })
-}
-
 fn held(blob: &BlobInfo) -> HeldRange {
     HeldRange {
         length: blob.length,
@@ -454,7 +359,7 @@ async fn upload(
     req: HttpRequest,
     mut payload: web::Payload,
 ) -> Result<HttpResponse, RestError> {
-    let plan = plan_upload(&req)?;
+    let plan = rest_server::upload(&req)?;
     let (addr, rx) = open(&state, &id, &req).await?;
     let record = rx.borrow().clone();
     let name = match blob {

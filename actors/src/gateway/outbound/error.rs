@@ -62,3 +62,9 @@ impl ResponseError for RestError {
             .body(self.to_string())
     }
 }
+
+impl From<crate::rest_server::HeaderError> for RestError {
+    fn from(e: crate::rest_server::HeaderError) -> Self {
+        RestError::BadRequest(e.to_string())
+    }
+}

@@ -11,7 +11,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use koukan::Sender;
-use koukan::range::{ContentRange, HeldRange};
+use koukan::range::HeldRange;
 use koukan::rest::{BodyRequest, CreateRequest, parse_update};
 use tokio::sync::watch;
 
@@ -20,9 +20,7 @@ use super::error::RestError;
 use super::transaction::{
     BeginUpload, Cancel, EndUpload, GatewayTransaction, Patch, Registry, Touch, TxState, UploadPlan,
 };
-
-/// Longest a hanging GET waits.
-const MAX_POLL: Duration = Duration::from_secs(30);
+use crate::rest_server::{self, etag_value, header, method_not_allowed, not_found};
 
 pub struct State {
     pub registry: Registry,
@@ -56,27 +54,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     )
     // Message-builder blobs do not exist here: `/blob/...` is an unknown path.
     .default_service(web::to(not_found));
-}
-
-async fn not_found() -> HttpResponse {
-    HttpResponse::NotFound()
-        .content_type("application/json")
-        .body(r#"{"detail":"Not Found"}"#)
-}
-
-async fn method_not_allowed() -> HttpResponse {
-    HttpResponse::MethodNotAllowed()
-        .content_type("application/json")
-        .body(r#"{"detail":"Method Not Allowed"}"#)
-}
-
-fn header<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
-    req.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
-/// ETags are compared without surrounding quotes.
-fn etag_value(s: &str) -> &str {
-    s.trim().trim_matches('"')
 }
 
 fn read_response(status: StatusCode, state: &State, tx: &TxState) -> HttpResponse {
@@ -140,17 +117,6 @@ async fn create(
     Ok(resp)
 }
 
-fn request_timeout(req: &HttpRequest) -> Result<Duration, RestError> {
-    match header(req, "request-timeout") {
-        None => Ok(MAX_POLL),
-        Some(v) => v
-            .trim()
-            .parse::<u64>()
-            .map(|s| Duration::from_secs(s).min(MAX_POLL))
-            .map_err(|_| RestError::BadRequest("invalid request-timeout header".into())),
-    }
-}
-
 async fn get(
     state: Data,
     path: web::Path<String>,
@@ -159,7 +125,7 @@ async fn get(
     let id = path.into_inner();
     let etag = header(&req, "if-none-match").map(str::to_string);
     let timeout = match &etag {
-        Some(_) => request_timeout(&req)?,
+        Some(_) => rest_server::request_timeout(&req)?,
         None => Duration::ZERO,
     };
     let (addr, mut rx) = lookup(&state, &id)?;
@@ -215,7 +181,7 @@ async fn patch(
         None
     };
     if header(&req, "if-none-match").is_some() {
-        request_timeout(&req)?;
+        rest_server::request_timeout(&req)?;
     }
     let if_match = header(&req, "if-match")
         .map(|v| etag_value(v).to_string())
@@ -228,53 +194,13 @@ async fn patch(
 }
 
 fn plan_upload(req: &HttpRequest) -> Result<(UploadPlan, bool), RestError> {
-    let content_length = match header(req, "content-length") {
-        None => None,
-        Some(v) => Some(
-            v.trim()
-                .parse::<u64>()
-                .map_err(|_| RestError::BadRequest("invalid content-length".into()))?,
-        ),
-    };
-    if let Some(f) = header(req, "x-finalize-blob-length") {
-        let n = f
-            .trim()
-            .parse::<u64>()
-            .map_err(|_| RestError::BadRequest("invalid x-finalize-blob-length".into()))?;
-        if content_length.unwrap_or(0) > 0 {
-            return Err(RestError::BadRequest(
-                "x-finalize-blob-length with non-empty PUT".into(),
-            ));
-        }
-        let plan = UploadPlan {
-            offset: n,
-            total: Some(n),
-            finalize_only: true,
-        };
-        return Ok((plan, false));
-    }
-    if let Some(r) = header(req, "content-range") {
-        let range =
-            ContentRange::parse(r).map_err(|_| RestError::BadRequest("bad range".into()))?;
-        if content_length != Some(range.len()) {
-            return Err(RestError::BadRequest(
-                "content-range length does not match content-length".into(),
-            ));
-        }
-        let plan = UploadPlan {
-            offset: range.first,
-            total: range.total,
-            finalize_only: false,
-        };
-        return Ok((plan, false));
-    }
-    // A plain PUT is the whole body; without a length it ends where the request ends.
+    let u = rest_server::upload(req)?;
     let plan = UploadPlan {
-        offset: 0,
-        total: content_length,
-        finalize_only: false,
+        offset: u.offset,
+        total: u.total,
+        finalize_only: u.finalize_only,
     };
-    Ok((plan, content_length.is_none()))
+    Ok((plan, u.finalize_at_end))
 }
 
 /// Reports the end of an upload to the actor even when the request dies half-way, so the
