@@ -15,6 +15,7 @@ mod body;
 pub mod dkim_sign;
 pub mod dns_resolution;
 mod error;
+pub mod hello;
 pub mod message_builder;
 pub mod message_parser;
 pub mod received_header;

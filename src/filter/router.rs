@@ -134,6 +134,8 @@ enum Policy {
         route: Option<Route>,
         port: u16,
     },
+    /// The original's example plugin policy: never routes anything.
+    Hello,
 }
 
 /// Recipient matching of the `address_list` policy (and matcher, `filters.md` §3).
@@ -265,6 +267,7 @@ impl Router {
                 route: endpoints.route(destination),
                 port: *dest_port,
             },
+            Some(RoutingPolicy::Plugin { name, .. }) if name == "hello" => Policy::Hello,
             Some(RoutingPolicy::Plugin { name, .. }) => {
                 return Err(FilterBuildError::config(
                     "router",
@@ -307,6 +310,7 @@ impl Router {
                 r.resolution = Some(vec![HostPort::new(domain, *port)]);
                 Decision::Route(r)
             }
+            Policy::Hello => Decision::Pass,
         }
     }
 }
@@ -720,13 +724,24 @@ endpoint:
     fn plugin_policy_is_a_build_error() {
         let cfg = RouterFilter {
             policy: Some(RoutingPolicy::Plugin {
-                name: "hello".into(),
+                name: "nonesuch".into(),
                 yaml: serde_json::Value::Null,
             }),
             destination: None,
             dry_run: false,
         };
         assert!(Router::with_endpoints(&cfg, &[], &RoutingMarks::default()).is_err());
+        // The original's example plugin exists as a built-in that never routes.
+        let hello = RouterFilter {
+            policy: Some(RoutingPolicy::Plugin {
+                name: "hello".into(),
+                yaml: serde_json::Value::Null,
+            }),
+            destination: None,
+            dry_run: false,
+        };
+        let r = Router::with_endpoints(&hello, &[], &RoutingMarks::default()).unwrap();
+        assert_eq!(r.decide("bob@example.com"), Decision::Pass);
     }
 
     #[test]

@@ -102,6 +102,21 @@ impl Filters {
     fn get(&self, name: &str) -> Option<&Arc<dyn FilterFactory>> {
         self.factories.get(name)
     }
+
+    /// Builds one chain entry (`None` when the entry is disabled by its configuration).
+    pub fn build(
+        &self,
+        cfg: &FilterConfig,
+        ctx: &BuildContext<'_>,
+    ) -> Result<Option<Box<dyn Filter>>, BuildError> {
+        let factory = self
+            .get(cfg.name())
+            .ok_or_else(|| BuildError::Unavailable {
+                path: format!("{}.filter", ctx.path),
+                name: cfg.name().to_string(),
+            })?;
+        factory.build(cfg, ctx)
+    }
 }
 
 /// How the attempts of one output chain are driven (`endpoint[].output_handler`).
@@ -163,13 +178,6 @@ pub fn build(
     let marks = koukan::filter::router::RoutingMarks::default();
     for (j, f) in endpoint.chain.iter().enumerate() {
         let path = format!("endpoint[{index}].chain[{j}]");
-        let factory = output
-            .filters
-            .get(f.name())
-            .ok_or_else(|| BuildError::Unavailable {
-                path: format!("{path}.filter"),
-                name: f.name().to_string(),
-            })?;
         let ctx = BuildContext {
             config,
             sender: &sender,
@@ -177,7 +185,7 @@ pub fn build(
             path: &path,
             marks: &marks,
         };
-        if let Some(filter) = factory.build(f, &ctx)? {
+        if let Some(filter) = output.filters.build(f, &ctx)? {
             filters.push(filter);
         }
     }

@@ -265,6 +265,10 @@ pub fn builtin_filters() -> Filters {
                 .map_err(|e| invalid(ctx, e))
         },
     );
+    // The original's example plugin, built in as a pass-through.
+    filters.register("hello", |_: &FilterConfig, _: &BuildContext<'_>| -> Built {
+        Ok(Some(Box::new(f::hello::Hello)))
+    });
     filters.register(
         "message_parser",
         |_: &FilterConfig, ctx: &BuildContext<'_>| -> Built {
