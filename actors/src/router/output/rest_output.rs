@@ -325,6 +325,9 @@ async fn send_raw(
     }
     let mut reader = body.reader(chunk_size);
     let mut sent = 0u64;
+    // A body made of pieces (a prepended Received: header and the stored blob) is sent in
+    // as few PUTs as `chunk_size` allows: small pieces are gathered, not PUT one by one.
+    let mut pending = bytes::BytesMut::new();
     while let Some(chunk) = reader
         .next()
         .await
@@ -333,7 +336,21 @@ async fn send_raw(
         })?
     {
         sent += chunk.len() as u64;
-        upstream.put_chunk(chunk, sent >= total).await?;
+        let last = sent >= total;
+        let piece = if pending.is_empty() && (last || chunk.len() >= chunk_size) {
+            chunk
+        } else {
+            pending.extend_from_slice(&chunk);
+            if !last && pending.len() < chunk_size {
+                continue;
+            }
+            pending.split().freeze()
+        };
+        upstream.put_chunk(piece, last).await?;
+    }
+    if !pending.is_empty() {
+        // The reader ended short of the announced length: send what came, unfinalized.
+        upstream.put_chunk(pending.freeze(), false).await?;
     }
     if !upstream.body_finalized() {
         // The reader ended short of the length it announced.
