@@ -7,4 +7,5 @@ pub mod logging;
 pub mod rest_server;
 pub mod router;
 pub mod signals;
+pub mod tls;
 pub mod tools;
