@@ -118,6 +118,8 @@ pub struct Summary {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub first_error: Option<String>,
+    /// The first temporary or permanent failure reply (SMTP text or HTTP status).
+    pub first_failure: Option<String>,
 }
 
 #[derive(Default)]
@@ -141,6 +143,7 @@ struct Shared {
     /// REST: the whole POST request, headers and JSON, built once.
     rest_request: Bytes,
     first_error: std::sync::Mutex<Option<String>>,
+    first_failure: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -152,6 +155,14 @@ impl Shared {
         match self.opts.count {
             Some(n) => self.counters.claimed.fetch_add(1, Ordering::Relaxed) < n,
             None => true,
+        }
+    }
+
+    /// Remembers the first failure reply (for the summary).
+    fn failure(&self, what: impl FnOnce() -> String) {
+        let mut first = self.first_failure.lock().expect("first_failure lock");
+        if first.is_none() {
+            *first = Some(what());
         }
     }
 
@@ -282,6 +293,7 @@ pub async fn run(opts: LoadOptions) -> Result<Summary, LoadError> {
         message,
         rest_request,
         first_error: std::sync::Mutex::new(None),
+        first_failure: std::sync::Mutex::new(None),
     });
     let opts = &shared.opts;
     let mut clients = Vec::with_capacity(opts.concurrency);
@@ -367,6 +379,11 @@ fn summarize(
         p99_ms: round3(pct(0.99)),
         max_ms: round3(all.last().map_or(0.0, |&m| m as f64 / 1000.0)),
         first_error: shared.first_error.lock().expect("first_error lock").clone(),
+        first_failure: shared
+            .first_failure
+            .lock()
+            .expect("first_failure lock")
+            .clone(),
     }
 }
 
@@ -538,31 +555,38 @@ async fn smtp_message(
     command: &[u8],
 ) -> Result<Outcome, LoadError> {
     conn.stream.write_all(command).await?;
-    let (mail, _) = conn.reply().await?;
-    let mut rcpt_codes = Vec::with_capacity(shared.opts.rcpts);
+    let mail = conn.reply().await?;
+    let mut rcpts = Vec::with_capacity(shared.opts.rcpts);
     for _ in 0..shared.opts.rcpts.max(1) {
-        rcpt_codes.push(conn.reply().await?.0);
+        rcpts.push(conn.reply().await?);
     }
-    let (data, _) = conn.reply().await?;
+    let (data, data_text) = conn.reply().await?;
     if data != 354 {
         // The transaction failed before the body: report the most telling reply.
-        let code = if mail >= 400 {
+        let (code, text) = if mail.0 >= 400 {
             mail
         } else {
-            rcpt_codes
-                .iter()
-                .copied()
-                .find(|c| *c >= 400)
-                .unwrap_or(data)
+            rcpts
+                .into_iter()
+                .find(|r| r.0 >= 400)
+                .unwrap_or((data, data_text))
         };
         if data < 400 {
             return Err(LoadError::Protocol(format!("DATA answered {data}")));
         }
+        shared.failure(|| text);
+        // The transaction is still open (a valid MAIL, no usable recipient): reset it.
+        conn.stream.write_all(b"RSET\r\n").await?;
+        conn.reply().await?;
         return Ok(outcome_of(code));
     }
     shared.message.write_smtp(&mut conn.stream).await?;
-    let (code, _) = conn.reply().await?;
-    Ok(outcome_of(code))
+    let (code, text) = conn.reply().await?;
+    let outcome = outcome_of(code);
+    if outcome != Outcome::Ok {
+        shared.failure(|| text);
+    }
+    Ok(outcome)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -746,6 +770,13 @@ async fn rest_message(shared: &Shared, conn: &mut Conn) -> Result<(Outcome, bool
     conn.stream.write_all(&shared.rest_request).await?;
     let resp = conn.http_response().await?;
     if resp.status != 201 {
+        shared.failure(|| {
+            format!(
+                "HTTP {}: {}",
+                resp.status,
+                String::from_utf8_lossy(&resp.body[..resp.body.len().min(200)])
+            )
+        });
         let o = if resp.status >= 500 {
             Outcome::Temp
         } else {
@@ -772,6 +803,9 @@ async fn rest_message(shared: &Shared, conn: &mut Conn) -> Result<(Outcome, bool
             let read = koukan::rest::ReadTx::parse(&body)
                 .map_err(|e| LoadError::Protocol(format!("read view: {e}")))?;
             if let Some(r) = &read.data_response {
+                if r.code >= 400 {
+                    shared.failure(|| format!("data {} {}", r.code, r.message));
+                }
                 return Ok((outcome_of(r.code), false));
             }
             // Every recipient failed: no data response will come.
