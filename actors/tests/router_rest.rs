@@ -452,6 +452,12 @@ async fn uploads() {
         Some(format!("bytes 0-{}/{}", msg.len() - 1, msg.len()))
     );
     assert_eq!(put.body, b"{}");
+    // The finalizing write's version, so a client's next long poll starts from it.
+    let put_etag: i64 = put
+        .header("etag")
+        .expect("etag of the finalization")
+        .parse()
+        .unwrap();
     // Re-sending the identical finalized body is accepted; a longer one is not.
     let again = r.put(&uri, &[], msg).await;
     assert_eq!(again.status, StatusCode::OK);
@@ -464,6 +470,7 @@ async fn uploads() {
     let read = r.get(&loc, &[]).await;
     assert_eq!(read.json()["body"]["blob_status"]["finalized"], json!(true));
     assert_ne!(read.etag(), "1", "finalization bumps the version");
+    assert!(read.etag().parse::<i64>().unwrap() >= put_etag);
 
     // Reuse of that body by a new transaction.
     let reused = r
@@ -720,13 +727,19 @@ async fn cancel() {
     let mut etag = read.etag();
     loop {
         let polled = r
-            .get(&loc, &[("if-none-match", etag.as_str()), ("request-timeout", "2")])
+            .get(
+                &loc,
+                &[("if-none-match", etag.as_str()), ("request-timeout", "2")],
+            )
             .await;
         if polled.status == StatusCode::NOT_MODIFIED {
             break;
         }
         etag = polled.etag();
-        assert_eq!(polled.json()["final_attempt_reason"], json!("downstream cancelled"));
+        assert_eq!(
+            polled.json()["final_attempt_reason"],
+            json!("downstream cancelled")
+        );
     }
     // Cancelling a finished transaction changes nothing.
     let again = r

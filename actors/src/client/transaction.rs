@@ -674,9 +674,13 @@ impl RestTransaction {
             last,
         )
         .await?;
-        if finalized {
+        if let Some(etag) = finalized {
             self.body_finalized = true;
-            // Finalizing bumps the version on every server.
+            // Finalizing bumps the version on every server. A server that says which
+            // version saves the next wait a round trip: it starts from there.
+            if !etag.is_empty() {
+                self.etag = etag;
+            }
             self.last_bump = Instant::now();
         }
         Ok(())
@@ -747,8 +751,8 @@ impl RestTransaction {
 
 /// PUTs `data` at `*cursor` of the blob at `url`; `last` finalizes it at the end of
 /// `data`. Resynchronizes on a short answer or a 416 by resending from what the server
-/// holds; `*cursor` follows what the server confirmed. Returns whether the server reported
-/// the blob finalized.
+/// holds; `*cursor` follows what the server confirmed. Returns the etag of the answer that
+/// reported the blob finalized (`Some("")` when that answer had none), `None` if not final.
 async fn put_range(
     http: &HttpClient,
     timeout: Duration,
@@ -756,7 +760,7 @@ async fn put_range(
     cursor: &mut u64,
     data: Bytes,
     last: bool,
-) -> Result<bool, ClientError> {
+) -> Result<Option<String>, ClientError> {
     let base = *cursor;
     let end = base + data.len() as u64;
     let total = last.then_some(end);
@@ -821,10 +825,10 @@ async fn put_range(
         offset = held.length;
         if held.length == end {
             if !last {
-                return Ok(false);
+                return Ok(None);
             }
             if held.finalized() {
-                return Ok(true);
+                return Ok(Some(a.etag().unwrap_or_default()));
             }
             // Everything is there but not finalized (a 416 on a resend): say so.
             stalls += 1;

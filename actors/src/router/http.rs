@@ -387,6 +387,8 @@ async fn upload(
     let mut offset = plan.offset;
     let mut buf = BytesMut::new();
     let mut last: Option<BlobInfo> = None;
+    // The version this request's own writes produced, for the answer's etag.
+    let mut version_written: Option<i64> = None;
     let mut ended = false;
     while !ended {
         // Fill one batch (or reach the end of the request).
@@ -432,6 +434,7 @@ async fn upload(
         match outcome {
             AppendOutcome::Ok { blob, version } => {
                 if version.is_some() {
+                    version_written = version;
                     addr.send(Appended {
                         blob: blob.clone(),
                         version,
@@ -456,7 +459,11 @@ async fn upload(
         }
     }
     let blob = last.ok_or_else(|| RestError::Internal("upload wrote nothing".into()))?;
-    Ok(HttpResponse::Ok()
+    let mut resp = HttpResponse::Ok();
+    if let Some(v) = version_written {
+        resp.insert_header(("etag", v.to_string()));
+    }
+    Ok(resp
         .insert_header(("content-range", held(&blob).header()))
         .content_type("application/json")
         .body("{}"))

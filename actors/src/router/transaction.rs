@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use koukan::Backoff;
 use koukan::Transaction;
+use koukan::rest::BODY_BLOB;
 use koukan::transaction::Update;
+use koukan::transaction::{BlobState, Body};
 use koukan_db::{BlobInfo, CancelOutcome, Finish, Lease, Storage, StorageError, TxRecord};
 use tokio::sync::watch;
 
@@ -256,7 +258,16 @@ impl Handler<Appended> for TransactionActor {
         if version <= self.record.version {
             return AtomicResponse::new(Box::pin(fut::ready(())));
         }
-        // Finalization may have completed the input: the durable row is the authority.
+        // The append is the only write since our copy: apply it here instead of re-reading
+        // the row (a body created by this append, or a gap, needs the durable row).
+        if !msg.created && version == self.record.version + 1 {
+            let mut record = (*self.record).clone();
+            if apply_blob(&mut record, &msg.blob) {
+                record.version = version;
+                self.publish(record);
+                return AtomicResponse::new(Box::pin(fut::ready(())));
+            }
+        }
         AtomicResponse::new(Box::pin(self.reload().into_actor(self).map(
             |res, act, _| match res {
                 Ok(record) => act.publish(record),
@@ -264,6 +275,30 @@ impl Handler<Appended> for TransactionActor {
             },
         )))
     }
+}
+
+/// Folds an appended blob's new state into a record; false if the record does not know it.
+fn apply_blob(record: &mut TxRecord, blob: &BlobInfo) -> bool {
+    let Some(known) = record.blobs.iter_mut().find(|b| b.name == blob.name) else {
+        return false;
+    };
+    *known = blob.clone();
+    let state = BlobState {
+        length: blob.length,
+        total: blob.total,
+    };
+    match &mut record.tx.body {
+        Some(Body::Message(s)) if blob.name == BODY_BLOB => *s = state,
+        Some(Body::MessageBuilder { blobs, .. }) => {
+            match blobs.iter_mut().find(|(name, _)| *name == blob.name) {
+                Some((_, s)) => *s = state,
+                None => return false,
+            }
+        }
+        _ => return false,
+    }
+    record.input_done = record.blobs.iter().all(BlobInfo::finalized);
+    true
 }
 
 /// Cancel requested by the client.
