@@ -431,6 +431,20 @@ pub(crate) async fn read_blob(
 // ---- sessions -----------------------------------------------------------------------------
 
 pub(crate) async fn open_session(c: &mut Conn<'_>, now: i64, uri: &str) -> Result<SessionId> {
+    // Live sessions with this URI are earlier incarnations of this replica (URIs are unique
+    // per replica): declare them dead and take their transactions back now, fenced, instead
+    // of waiting out the liveness timeout after a crash and restart.
+    let stale = run!(c, |c| diesel::update(
+        sessions::table
+            .filter(sessions::uri.eq(uri))
+            .filter(sessions::live)
+    )
+    .set((sessions::live.eq(false), sessions::last_update.eq(now)))
+    .execute(c)
+    .await)?;
+    if stale > 0 {
+        release_dead_leases(c, now, &mut Recovery::default()).await?;
+    }
     Ok(run!(c, |c| diesel::insert_into(sessions::table)
         .values((
             sessions::creation.eq(now),

@@ -152,6 +152,7 @@ suite!(
     gc,
     create_with_attempt,
     set_body_reuses,
+    restart_takes_back_leases,
 );
 
 // ---- helpers ------------------------------------------------------------------------------
@@ -1253,4 +1254,33 @@ async fn set_body_reuses(db: &Db) {
         s.set_body(dst.id, v, NewBody::Reuse(uri)).await,
         Err(StorageError::Invalid(_))
     ));
+}
+
+async fn restart_takes_back_leases(db: &Db) {
+    let old = db.open("http://replica-1").await;
+    let leased = old
+        .create(new_tx(
+            NewBody::Inline(Bytes::from_static(b"x")),
+            true,
+            true,
+        ))
+        .await
+        .unwrap();
+    assert!(leased.lease.is_some());
+    // The same replica starts again (a crash and restart): its old session is dead at once.
+    let new = db.open("http://replica-1").await;
+    let after = new.load_id(leased.id).await.unwrap().unwrap();
+    assert_eq!(
+        after.lease, None,
+        "released without waiting for the liveness timeout"
+    );
+    assert!(after.version > leased.version, "fenced");
+    assert!(
+        !old.refresh_session().await.unwrap(),
+        "the old incarnation learns it is dead"
+    );
+    // Another replica's session is left alone.
+    let other = db.open("http://replica-2").await;
+    assert!(new.refresh_session().await.unwrap());
+    assert!(other.refresh_session().await.unwrap());
 }
