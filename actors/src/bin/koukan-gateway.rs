@@ -34,7 +34,10 @@ fn main() -> ExitCode {
     match serve(Arc::new(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("koukan-gateway: {e:#}");
+            eprintln!(
+                "koukan-gateway: {}",
+                koukan_actors::logging::describe(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

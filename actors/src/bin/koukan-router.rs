@@ -22,7 +22,10 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("koukan-router: {e:#}");
+            eprintln!(
+                "koukan-router: {}",
+                koukan_actors::logging::describe(e.as_ref())
+            );
             ExitCode::from(2)
         }
     }
