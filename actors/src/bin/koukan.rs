@@ -73,17 +73,21 @@ struct SinkArgs {
     stats: u64,
 }
 
-fn main() -> anyhow::Result<ExitCode> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     koukan_actors::logging::init();
-    match cli.tool {
+    let result = match cli.tool {
         Tool::Sink(a) => run_sink(a).map(|()| ExitCode::SUCCESS),
         Tool::Load(a) => koukan_actors::tools::load::main(a).map(|()| ExitCode::SUCCESS),
         Tool::Send(a) => run_send(a),
         Tool::Secret(a) => run_secret(a),
         Tool::RestSend(a) => run_rest_send(a),
         Tool::Receive(a) => run_receive(a).map(|()| ExitCode::SUCCESS),
-    }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("koukan: {}", koukan_actors::logging::describe(e.as_ref()));
+        ExitCode::from(2)
+    })
 }
 
 fn run_sink(a: SinkArgs) -> anyhow::Result<()> {
