@@ -380,58 +380,35 @@ impl Handler<AttemptWrite> for TransactionActor {
     type Result = AtomicResponse<Self, Result<Arc<TxRecord>, StorageError>>;
 
     fn handle(&mut self, msg: AttemptWrite, _: &mut Self::Context) -> Self::Result {
-        self.last_activity = Instant::now();
-        let storage = self.storage.clone();
-        let record = self.record.clone();
-        let work = async move {
-            let mut record = (*record).clone();
-            for i in 0..WRITE_TRIES {
-                let res = match &msg.finish {
-                    None => storage
-                        .write_attempt(record.id, record.version, msg.lease, &msg.responses)
-                        .await
-                        .map(Some),
-                    Some(f) => storage
-                        .finish_attempt(record.id, record.version, msg.lease, f.clone())
-                        .await
-                        .map(|_| None),
-                };
-                match res {
-                    Ok(Some(version)) => {
-                        record.version = version;
-                        record.tx.mail_response = msg.responses.mail_response.clone();
-                        record.tx.rcpt_response = msg.responses.rcpt_response.clone();
-                        record.tx.data_response = msg.responses.data_response.clone();
-                        return Ok(record);
-                    }
-                    // The end of an attempt changes the lease and maybe the final reason:
-                    // read back what storage decided.
-                    Ok(None) => {
-                        return storage
-                            .load_id(record.id)
-                            .await?
-                            .ok_or(StorageError::NotFound);
-                    }
-                    Err(StorageError::Conflict) => {
-                        tokio::time::sleep(Backoff::conflict_pause(i)).await;
-                        record = storage
-                            .load_id(record.id)
-                            .await?
-                            .ok_or(StorageError::NotFound)?;
-                        // Fenced: the lease moved (recovery); this attempt is void.
-                        if record.lease != Some(msg.lease) {
-                            return Err(StorageError::Conflict);
+        let lease = msg.lease;
+        let msg = Arc::new(msg);
+        // Fenced: once the lease moved (recovery), this attempt is void.
+        self.versioned_write(
+            move |r| r.lease == Some(lease),
+            move |s, mut r| {
+                let msg = msg.clone();
+                async move {
+                    match &msg.finish {
+                        None => {
+                            r.version = s
+                                .write_attempt(r.id, r.version, msg.lease, &msg.responses)
+                                .await?;
+                            r.tx.mail_response = msg.responses.mail_response.clone();
+                            r.tx.rcpt_response = msg.responses.rcpt_response.clone();
+                            r.tx.data_response = msg.responses.data_response.clone();
+                            Ok(Some(r))
+                        }
+                        // The end of an attempt changes the lease and maybe the final
+                        // reason: read back what storage decided.
+                        Some(f) => {
+                            s.finish_attempt(r.id, r.version, msg.lease, f.clone())
+                                .await?;
+                            Ok(None)
                         }
                     }
-                    Err(e) => return Err(e),
                 }
-            }
-            Err(StorageError::Conflict)
-        };
-        AtomicResponse::new(Box::pin(work.into_actor(self).map(|res, act, _| {
-            act.publish(res?);
-            Ok(act.record.clone())
-        })))
+            },
+        )
     }
 }
 
@@ -444,12 +421,16 @@ impl Handler<EnableRetry> for TransactionActor {
     type Result = AtomicResponse<Self, Result<Arc<TxRecord>, StorageError>>;
 
     fn handle(&mut self, _: EnableRetry, _: &mut Self::Context) -> Self::Result {
-        self.versioned_write(|s, r| async move {
-            let mut envelope = r.tx.clone();
-            envelope.retry = true;
-            envelope.notification = true;
-            s.write_envelope(r.id, r.version, &envelope).await
-        })
+        self.versioned_write(
+            |_| true,
+            |s, r| async move {
+                let mut envelope = r.tx.clone();
+                envelope.retry = true;
+                envelope.notification = true;
+                s.write_envelope(r.id, r.version, &envelope).await?;
+                Ok(None)
+            },
+        )
     }
 }
 
@@ -496,35 +477,37 @@ pub struct Ping;
 pub struct AttachBody(pub koukan_db::NewBody);
 
 impl TransactionActor {
-    /// Runs a versioned write with the current version, reloading and retrying on
-    /// conflict, and publishes the result.
+    /// Runs a versioned write with the current version and publishes the result. A write
+    /// that knows the new record returns it; `None` means "read it back". On a conflict the
+    /// record is re-read and, if `still_ours` holds for it, the write is tried again.
     fn versioned_write<F, Fut>(
         &mut self,
+        still_ours: impl Fn(&TxRecord) -> bool + 'static,
         write: F,
     ) -> AtomicResponse<Self, Result<Arc<TxRecord>, StorageError>>
     where
         F: Fn(Storage, TxRecord) -> Fut + 'static,
-        Fut: Future<Output = Result<i64, StorageError>> + 'static,
+        Fut: Future<Output = Result<Option<TxRecord>, StorageError>> + 'static,
     {
         self.last_activity = Instant::now();
         let storage = self.storage.clone();
         let record = self.record.clone();
         let work = async move {
+            let load = |id| {
+                let storage = storage.clone();
+                async move { storage.load_id(id).await?.ok_or(StorageError::NotFound) }
+            };
             let mut record = (*record).clone();
             for i in 0..WRITE_TRIES {
                 match write(storage.clone(), record.clone()).await {
-                    Ok(_) => {
-                        return storage
-                            .load_id(record.id)
-                            .await?
-                            .ok_or(StorageError::NotFound);
-                    }
+                    Ok(Some(written)) => return Ok(written),
+                    Ok(None) => return load(record.id).await,
                     Err(StorageError::Conflict) => {
                         tokio::time::sleep(Backoff::conflict_pause(i)).await;
-                        record = storage
-                            .load_id(record.id)
-                            .await?
-                            .ok_or(StorageError::NotFound)?;
+                        record = load(record.id).await?;
+                        if !still_ours(&record) {
+                            return Err(StorageError::Conflict);
+                        }
                     }
                     Err(e) => return Err(e),
                 }
@@ -542,7 +525,14 @@ impl Handler<Ping> for TransactionActor {
     type Result = AtomicResponse<Self, Result<Arc<TxRecord>, StorageError>>;
 
     fn handle(&mut self, _: Ping, _: &mut Self::Context) -> Self::Result {
-        self.versioned_write(|s, r| async move { s.ping(r.id, r.version).await })
+        // Only the version moves: no need to read the row back.
+        self.versioned_write(
+            |_| true,
+            |s, mut r| async move {
+                r.version = s.ping(r.id, r.version).await?;
+                Ok(Some(r))
+            },
+        )
     }
 }
 
@@ -551,9 +541,15 @@ impl Handler<AttachBody> for TransactionActor {
 
     fn handle(&mut self, msg: AttachBody, _: &mut Self::Context) -> Self::Result {
         let body = msg.0;
-        self.versioned_write(move |s, r| {
-            let body = body.clone();
-            async move { s.set_body(r.id, r.version, body).await }
-        })
+        self.versioned_write(
+            |_| true,
+            move |s, r| {
+                let body = body.clone();
+                async move {
+                    s.set_body(r.id, r.version, body).await?;
+                    Ok(None)
+                }
+            },
+        )
     }
 }
