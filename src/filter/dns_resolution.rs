@@ -96,14 +96,28 @@ pub struct DnsResolution {
 }
 
 impl DnsResolution {
-    /// Uses the system's resolver configuration (`/etc/resolv.conf`).
+    /// Uses the system's resolver configuration (`/etc/resolv.conf`), through this
+    /// thread's shared resolver: building one reads the system's resolver and TLS root
+    /// configuration from disk, far too costly per attempt, and sharing it shares its
+    /// cache. One per thread because its sockets belong to the thread's runtime.
     pub fn new(cfg: &DnsResolutionFilter) -> Result<DnsResolution, FilterBuildError> {
-        let resolver = TokioResolver::builder_tokio()
-            .and_then(|b| b.build())
-            .map_err(|e| FilterBuildError::Resolver {
-                filter: "dns_resolution",
-                message: e.to_string(),
-            })?;
+        thread_local! {
+            static SYSTEM: std::cell::RefCell<Option<TokioResolver>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let resolver = match SYSTEM.with_borrow(|r| r.clone()) {
+            Some(r) => r,
+            None => {
+                let r = TokioResolver::builder_tokio()
+                    .and_then(|b| b.build())
+                    .map_err(|e| FilterBuildError::Resolver {
+                        filter: "dns_resolution",
+                        message: e.to_string(),
+                    })?;
+                SYSTEM.with_borrow_mut(|s| *s = Some(r.clone()));
+                r
+            }
+        };
         Ok(Self::with_resolver(cfg, resolver))
     }
 
