@@ -5,6 +5,7 @@
 //! SQL transaction (group commit): each request runs in its own savepoint, the batch commits
 //! once, and only then is each caller answered. Reads use a separate connection pool.
 
+mod cached;
 mod conn;
 mod error;
 mod ops;

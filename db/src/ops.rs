@@ -17,6 +17,7 @@ use koukan::rest::{BODY_BLOB, BlobSource, BlobUri};
 use koukan::transaction::{BlobState, Body};
 
 use crate::StorageError;
+use crate::cached;
 use crate::conn::{Conn, run};
 use crate::schema::{attempts, blob_chunks, blobs, sessions, transactions, tx_blobs};
 use crate::types::*;
@@ -91,7 +92,20 @@ fn to_i64(v: u64) -> Result<i64> {
 // ---- plumbing ------------------------------------------------------------------------------
 
 pub(crate) async fn exec(c: &mut Conn<'_>, sql: &str) -> Result<()> {
-    run!(c, |c| c.batch_execute(sql).await)?;
+    exec_all(c, &[sql]).await
+}
+
+/// Runs parameterless statements in order: on SQLite each kept prepared, on PostgreSQL
+/// sent together in one round trip.
+pub(crate) async fn exec_all(c: &mut Conn<'_>, sql: &[&str]) -> Result<()> {
+    match c {
+        Conn::Sqlite(c) => {
+            for s in sql {
+                cached::sqlite_text(s).execute(&mut **c).await?;
+            }
+        }
+        Conn::Pg(c) => c.batch_execute(&sql.join("; ")).await?,
+    }
     Ok(())
 }
 
@@ -103,10 +117,12 @@ pub(crate) async fn db_now(c: &mut Conn<'_>) -> Result<i64> {
         now: i64,
     }
     let r: Now = match c {
-        Conn::Sqlite(c) => {
-            diesel::sql_query("SELECT CAST(unixepoch() AS BIGINT) AS now")
-                .get_result(&mut **c)
-                .await?
+        // SQLite's clock is this process's clock: no statement needed.
+        Conn::Sqlite(_) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|e| StorageError::Database(format!("system clock: {e}")))?;
+            return Ok(to_i64(now.as_secs())?);
         }
         Conn::Pg(c) => {
             diesel::sql_query(
@@ -155,14 +171,16 @@ async fn row_at(c: &mut Conn<'_>, id: DbId, version: i64) -> Result<TxRow> {
 /// Stores `new` iff the row is still at `old.version`. Every lease change bumps the
 /// version, so this also guards the lease the caller checked on `old`.
 async fn cas(c: &mut Conn<'_>, old: &TxRow, new: &TxRow) -> Result<()> {
-    let n = run!(c, |c| diesel::update(
+    let q = diesel::update(
         transactions::table
             .filter(transactions::id.eq(old.id))
-            .filter(transactions::version.eq(old.version))
+            .filter(transactions::version.eq(old.version)),
     )
-    .set(new)
-    .execute(c)
-    .await)?;
+    .set(new);
+    let n = match c {
+        Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
+        Conn::Pg(c) => q.execute(&mut **c).await?,
+    };
     if n == 1 {
         Ok(())
     } else {
@@ -180,15 +198,15 @@ fn check_fence(row: &TxRow, lease: Lease) -> Result<()> {
 
 /// Leases may only be taken by a live session: a lease naming a dead one would never be
 /// recovered.
-async fn require_live(c: &mut Conn<'_>, me: SessionId) -> Result<()> {
-    let live: Option<bool> = run!(c, |c| sessions::table
+async fn require_live(c: &mut Conn<'_>, me: SessionId) -> Result<String> {
+    let live: Option<(bool, String)> = run!(c, |c| sessions::table
         .find(me)
-        .select(sessions::live)
+        .select((sessions::live, sessions::uri))
         .get_result(c)
         .await
         .optional())?;
-    if live == Some(true) {
-        Ok(())
+    if let Some((true, uri)) = live {
+        Ok(uri)
     } else {
         Err(StorageError::Invalid(
             "this storage session is no longer live".into(),
@@ -257,36 +275,8 @@ fn build_record(
     attempt: Option<(i64, Option<String>)>,
 ) -> Result<TxRecord> {
     let mut tx = row.envelope()?;
-    let mut blobs = Vec::with_capacity(blob_rows.len());
-    for (name, blob_id, length, total) in blob_rows {
-        blobs.push(BlobInfo {
-            name,
-            blob_id,
-            length: to_u64("blob length", length)?,
-            total: total.map(|t| to_u64("blob total", t)).transpose()?,
-        });
-    }
-    let state = |b: &BlobInfo| BlobState {
-        length: b.length,
-        total: b.total,
-    };
-    tx.body = if let Some(b) = blobs.iter().find(|b| b.name == BODY_BLOB) {
-        Some(Body::Message(state(b)))
-    } else if let Some(spec) = &row.message_builder {
-        let spec = serde_json::from_str(spec)
-            .map_err(|e| StorageError::Corrupt(format!("tx {} message_builder: {e}", row.id)))?;
-        Some(Body::MessageBuilder {
-            spec,
-            blobs: blobs.iter().map(|b| (b.name.clone(), state(b))).collect(),
-        })
-    } else if !blobs.is_empty() {
-        return Err(StorageError::Corrupt(format!(
-            "tx {} has blobs but no body",
-            row.id
-        )));
-    } else {
-        None
-    };
+    let blobs = blob_infos(blob_rows)?;
+    tx.body = body_of(row.id, &blobs, row.message_builder.as_deref())?;
     let attempt_id = attempt.as_ref().map(|(a, _)| *a);
     if let Some((a, responses)) = attempt {
         tx.attempt_count = Some(u32::try_from(a).map_err(|_| corrupt("attempt id", a))?);
@@ -319,6 +309,45 @@ fn build_record(
         blobs,
         notification_pending: is_final && row.notification && row.no_final_notification,
     })
+}
+
+fn blob_infos(rows: Vec<BlobRow>) -> Result<Vec<BlobInfo>> {
+    let mut blobs = Vec::with_capacity(rows.len());
+    for (name, blob_id, length, total) in rows {
+        blobs.push(BlobInfo {
+            name,
+            blob_id,
+            length: to_u64("blob length", length)?,
+            total: total.map(|t| to_u64("blob total", t)).transpose()?,
+        });
+    }
+    Ok(blobs)
+}
+
+/// The body a transaction's blobs and message-builder spec make.
+fn body_of(id: DbId, blobs: &[BlobInfo], message_builder: Option<&str>) -> Result<Option<Body>> {
+    let state = |b: &BlobInfo| BlobState {
+        length: b.length,
+        total: b.total,
+    };
+    Ok(
+        if let Some(b) = blobs.iter().find(|b| b.name == BODY_BLOB) {
+            Some(Body::Message(state(b)))
+        } else if let Some(spec) = message_builder {
+            let spec = serde_json::from_str(spec)
+                .map_err(|e| StorageError::Corrupt(format!("tx {id} message_builder: {e}")))?;
+            Some(Body::MessageBuilder {
+                spec,
+                blobs: blobs.iter().map(|b| (b.name.clone(), state(b))).collect(),
+            })
+        } else if !blobs.is_empty() {
+            return Err(StorageError::Corrupt(format!(
+                "tx {id} has blobs but no body"
+            )));
+        } else {
+            None
+        },
+    )
 }
 
 /// Loads without a surrounding transaction (the writer already has one).
@@ -613,8 +642,11 @@ async fn insert_chunks(c: &mut Conn<'_>, blob_id: i64, start: u64, data: &[u8]) 
     Ok(())
 }
 
+/// A blob a body refers to: id, length, total.
+type NewBlob = (i64, i64, Option<i64>);
+
 /// A new blob: empty and open (`None`), or holding `data`, finalized.
-async fn insert_blob(c: &mut Conn<'_>, now: i64, data: Option<&[u8]>) -> Result<i64> {
+async fn insert_blob(c: &mut Conn<'_>, now: i64, data: Option<&[u8]>) -> Result<NewBlob> {
     let len = to_i64(data.map_or(0, |d| d.len() as u64))?;
     let total = data.map(|_| len);
     let id: i64 = run!(c, |c| diesel::insert_into(blobs::table)
@@ -630,11 +662,11 @@ async fn insert_blob(c: &mut Conn<'_>, now: i64, data: Option<&[u8]>) -> Result<
     if let Some(d) = data {
         insert_chunks(c, id, 0, d).await?;
     }
-    Ok(id)
+    Ok((id, len, total))
 }
 
 /// The id of a finalized blob named by `uri`, for sharing.
-async fn reusable_blob(c: &mut Conn<'_>, uri: &BlobUri) -> Result<i64> {
+async fn reusable_blob(c: &mut Conn<'_>, uri: &BlobUri) -> Result<NewBlob> {
     let found: Option<(i64, i64, Option<i64>)> = run!(c, |c| tx_blobs::table
         .inner_join(transactions::table)
         .inner_join(blobs::table)
@@ -646,7 +678,7 @@ async fn reusable_blob(c: &mut Conn<'_>, uri: &BlobUri) -> Result<i64> {
         .optional())?;
     match found {
         None => Err(StorageError::BadReuse(format!("no blob {}", uri.path()))),
-        Some((id, len, total)) if total == Some(len) => Ok(id),
+        Some((id, len, total)) if total == Some(len) => Ok((id, len, total)),
         Some(_) => Err(StorageError::BadReuse(format!(
             "blob {} is not finalized",
             uri.path()
@@ -680,8 +712,8 @@ async fn body_refs<'b>(
     c: &mut Conn<'_>,
     now: i64,
     body: &'b NewBody,
-) -> Result<(Vec<(&'b str, i64)>, bool, Option<String>)> {
-    let mut refs: Vec<(&str, i64)> = Vec::new();
+) -> Result<(Vec<(&'b str, NewBlob)>, bool, Option<String>)> {
+    let mut refs: Vec<(&str, NewBlob)> = Vec::new();
     let mut done = true;
     let mut message_builder = None;
     match body {
@@ -695,7 +727,7 @@ async fn body_refs<'b>(
         NewBody::MessageBuilder { spec, blobs } => {
             message_builder = Some(spec.to_string());
             for (name, source) in blobs {
-                let id = match source {
+                let blob = match source {
                     BlobSource::Create => {
                         done = false;
                         insert_blob(c, now, None).await?
@@ -703,7 +735,7 @@ async fn body_refs<'b>(
                     BlobSource::Inline(text) => insert_blob(c, now, Some(text.as_bytes())).await?,
                     BlobSource::Reuse(uri) => reusable_blob(c, uri).await?,
                 };
-                refs.push((name.as_str(), id));
+                refs.push((name.as_str(), blob));
             }
         }
     }
@@ -718,7 +750,7 @@ pub(crate) async fn set_body(
     id: DbId,
     version: i64,
     body: &NewBody,
-) -> Result<i64> {
+) -> Result<BodySet> {
     let row = row_at(c, id, version).await?;
     let has_body: Option<i64> = run!(c, |c| tx_blobs::table
         .filter(tx_blobs::transaction_id.eq(id))
@@ -734,10 +766,42 @@ pub(crate) async fn set_body(
     n.input_done = done;
     n.message_builder = message_builder;
     cas(c, &row, &n).await?;
-    for (name, blob) in refs {
+    let mut blobs = Vec::with_capacity(refs.len());
+    for (name, (blob, length, total)) in refs {
         add_ref(c, id, name, blob).await?;
+        blobs.push((name.to_string(), blob, length, total));
     }
-    Ok(n.version)
+    blobs.sort_by_key(|b| b.1);
+    Ok(BodySet {
+        version: n.version,
+        last_update: now,
+        input_done: n.input_done,
+        blobs,
+        message_builder: n.message_builder,
+    })
+}
+
+/// What [`set_body`] stored: enough to update a record in memory.
+#[derive(Clone, Debug)]
+pub(crate) struct BodySet {
+    pub version: i64,
+    pub last_update: i64,
+    pub input_done: bool,
+    blobs: Vec<BlobRow>,
+    message_builder: Option<String>,
+}
+
+impl BodySet {
+    /// `record` as a fresh load would show it after this body was set.
+    pub(crate) fn apply(self, record: &mut TxRecord) -> Result<()> {
+        let blobs = blob_infos(self.blobs)?;
+        record.tx.body = body_of(record.id, &blobs, self.message_builder.as_deref())?;
+        record.blobs = blobs;
+        record.version = self.version;
+        record.last_update = self.last_update;
+        record.input_done = self.input_done;
+        Ok(())
+    }
 }
 
 /// Inserts a transaction with its blobs and refs; returns its id.
@@ -748,23 +812,46 @@ pub(crate) async fn create(
     new: &NewTransaction,
     leased: bool,
 ) -> Result<DbId> {
-    if leased {
-        require_live(c, me).await?;
-    }
+    Ok(insert_transaction(c, now, me, new, leased, false)
+        .await?
+        .0
+        .id)
+}
+
+/// Inserts a transaction with its blobs and refs — with `start`, already in the state
+/// [`begin_attempt`] would leave it in (leased, generation 2, version 2, `oneshot` without
+/// retry) — and returns the row, its blobs and the lease holder's URI, everything a
+/// record needs, so nothing is read back.
+async fn insert_transaction(
+    c: &mut Conn<'_>,
+    now: i64,
+    me: SessionId,
+    new: &NewTransaction,
+    leased: bool,
+    start: bool,
+) -> Result<(TxRow, Vec<BlobRow>, Option<String>)> {
+    let uri = if leased {
+        Some(require_live(c, me).await?)
+    } else {
+        None
+    };
     // Blobs first: reuse is validated and input_done known before the row exists.
     let (refs, done, message_builder) = body_refs(c, now, &new.body).await?;
     let json = new.tx.to_db_json().to_string();
+    let step = i64::from(start);
+    let final_attempt_reason = (start && !new.tx.retry).then(|| ONESHOT.to_string());
     let id: DbId = run!(c, |c| diesel::insert_into(transactions::table)
         .values((
             transactions::rest_id.eq(&new.rest_id),
             transactions::json.eq(&json),
             transactions::input_done.eq(done),
+            transactions::final_attempt_reason.eq(&final_attempt_reason),
             transactions::creation_session_id.eq(Some(me)),
             transactions::lease_session_id.eq(leased.then_some(me)),
-            transactions::lease_generation.eq(i64::from(leased)),
+            transactions::lease_generation.eq(i64::from(leased) + step),
             transactions::creation.eq(now),
             transactions::last_update.eq(now),
-            transactions::version.eq(1i64),
+            transactions::version.eq(1 + step),
             transactions::next_attempt_time.eq(0i64),
             transactions::message_builder.eq(&message_builder),
             transactions::notification.eq(new.tx.notification),
@@ -779,10 +866,31 @@ pub(crate) async fn create(
         }
         e => e.into(),
     })?;
-    for (name, blob) in refs {
+    let mut blob_rows = Vec::with_capacity(refs.len());
+    for (name, (blob, length, total)) in refs {
         add_ref(c, id, name, blob).await?;
+        blob_rows.push((name.to_string(), blob, length, total));
     }
-    Ok(id)
+    // Loads list blobs by id.
+    blob_rows.sort_by_key(|b| b.1);
+    let row = TxRow {
+        id,
+        rest_id: new.rest_id.clone(),
+        json,
+        input_done: done,
+        final_attempt_reason,
+        creation_session_id: Some(me),
+        lease_session_id: leased.then_some(me),
+        lease_generation: i64::from(leased) + step,
+        creation: now,
+        last_update: now,
+        version: 1 + step,
+        next_attempt_time: 0,
+        message_builder,
+        notification: new.tx.notification,
+        no_final_notification: false,
+    };
+    Ok((row, blob_rows, uri))
 }
 
 pub(crate) async fn create_record(
@@ -791,14 +899,17 @@ pub(crate) async fn create_record(
     me: SessionId,
     new: &NewTransaction,
 ) -> Result<TxRecord> {
-    let id = create(c, now, me, new, new.leased).await?;
-    if new.leased && new.start_attempt {
-        // Cut-through: the attempt starts in the same commit as the row (no lease without
-        // an owner, and one commit fewer per message).
-        let row = read_row(c, id).await?.ok_or(StorageError::NotFound)?;
-        return begin_attempt(c, now, me, &row).await;
-    }
-    must_load(c, id).await
+    // Cut-through: the attempt starts in the same commit as the row (no lease without an
+    // owner, and one commit fewer per message).
+    let start = new.leased && new.start_attempt;
+    let (row, blobs, uri) = insert_transaction(c, now, me, new, new.leased, start).await?;
+    let attempt = if start {
+        insert_first_attempt(c, now, row.id).await?;
+        Some((1, None))
+    } else {
+        None
+    };
+    build_record(row, uri, blobs, attempt)
 }
 
 pub(crate) async fn write_envelope(
@@ -840,24 +951,32 @@ async fn bump(
         transactions::last_update.eq(now),
     );
     let n = match lease {
-        Some(l) => run!(c, |c| diesel::update(
-            transactions::table
-                .filter(transactions::id.eq(id))
-                .filter(transactions::version.eq(version))
-                .filter(transactions::lease_session_id.eq(l.session))
-                .filter(transactions::lease_generation.eq(l.generation))
-        )
-        .set(set)
-        .execute(c)
-        .await)?,
-        None => run!(c, |c| diesel::update(
-            transactions::table
-                .filter(transactions::id.eq(id))
-                .filter(transactions::version.eq(version))
-        )
-        .set(set)
-        .execute(c)
-        .await)?,
+        Some(l) => {
+            let q = diesel::update(
+                transactions::table
+                    .filter(transactions::id.eq(id))
+                    .filter(transactions::version.eq(version))
+                    .filter(transactions::lease_session_id.eq(l.session))
+                    .filter(transactions::lease_generation.eq(l.generation)),
+            )
+            .set(set);
+            match c {
+                Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
+                Conn::Pg(c) => q.execute(&mut **c).await?,
+            }
+        }
+        None => {
+            let q = diesel::update(
+                transactions::table
+                    .filter(transactions::id.eq(id))
+                    .filter(transactions::version.eq(version)),
+            )
+            .set(set);
+            match c {
+                Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
+                Conn::Pg(c) => q.execute(&mut **c).await?,
+            }
+        }
     };
     if n == 1 {
         return Ok(version + 1);
@@ -965,7 +1084,7 @@ pub(crate) async fn append(
             && a.offset == 0
             && row.message_builder.is_none() =>
         {
-            let id = insert_blob(c, now, None).await?;
+            let (id, _, _) = insert_blob(c, now, None).await?;
             add_ref(c, row.id, BODY_BLOB, id).await?;
             created = true;
             (id, 0, None)
@@ -1006,18 +1125,20 @@ pub(crate) async fn append(
             to_i64(new_len)?,
             new_total.map(to_i64).transpose()?,
         );
-        let n = run!(c, |c| diesel::update(
+        let q = diesel::update(
             blobs::table
                 .filter(blobs::id.eq(blob_id))
-                .filter(blobs::length.eq(h))
+                .filter(blobs::length.eq(h)),
         )
         .set((
             blobs::length.eq(l),
             blobs::total.eq(t),
-            blobs::last_update.eq(now)
-        ))
-        .execute(c)
-        .await)?;
+            blobs::last_update.eq(now),
+        ));
+        let n = match c {
+            Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
+            Conn::Pg(c) => q.execute(&mut **c).await?,
+        };
         if n != 1 {
             return Err(StorageError::Conflict);
         }
@@ -1055,6 +1176,15 @@ pub(crate) async fn append(
 
 async fn insert_attempt(c: &mut Conn<'_>, now: i64, id: DbId) -> Result<i64> {
     let next = newest_attempt(c, id).await?.map_or(1, |(a, _)| a + 1);
+    insert_attempt_id(c, now, id, next).await
+}
+
+/// Attempt 1 of a transaction created in this SQL transaction.
+async fn insert_first_attempt(c: &mut Conn<'_>, now: i64, id: DbId) -> Result<i64> {
+    insert_attempt_id(c, now, id, 1).await
+}
+
+async fn insert_attempt_id(c: &mut Conn<'_>, now: i64, id: DbId, next: i64) -> Result<i64> {
     run!(c, |c| diesel::insert_into(attempts::table)
         .values((
             attempts::transaction_id.eq(id),
@@ -1076,17 +1206,19 @@ async fn write_responses(
     responses: &Transaction,
 ) -> Result<()> {
     let json = responses.responses_json().to_string();
-    run!(c, |c| diesel::update(
+    let q = diesel::update(
         attempts::table
             .filter(attempts::transaction_id.eq(id))
-            .filter(attempts::attempt_id.eq(attempt_id))
+            .filter(attempts::attempt_id.eq(attempt_id)),
     )
     .set((
         attempts::responses.eq(Some(json)),
-        attempts::last_update.eq(now)
-    ))
-    .execute(c)
-    .await)?;
+        attempts::last_update.eq(now),
+    ));
+    match c {
+        Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
+        Conn::Pg(c) => q.execute(&mut **c).await?,
+    };
     Ok(())
 }
 
@@ -1215,7 +1347,7 @@ pub(crate) async fn finish_attempt(
     version: i64,
     lease: Lease,
     f: &Finish,
-) -> Result<i64> {
+) -> Result<Finished> {
     let row = row_at(c, id, version).await?;
     check_fence(&row, lease)?;
     let mut n = row.next(now);
@@ -1246,7 +1378,45 @@ pub(crate) async fn finish_attempt(
     if let Some(dsn) = &f.dsn {
         create(c, now, me, dsn, false).await?;
     }
-    Ok(n.version)
+    Ok(Finished {
+        version: n.version,
+        last_update: now,
+        final_attempt_reason: n.final_attempt_reason,
+        next_attempt_time: n.next_attempt_time,
+        notification_pending: n.notification && n.no_final_notification,
+    })
+}
+
+/// What storage decided when an attempt ended: enough to update a record in memory
+/// instead of reading it back.
+#[derive(Clone, Debug)]
+pub(crate) struct Finished {
+    pub version: i64,
+    pub last_update: i64,
+    /// The raw column (`oneshot` included).
+    pub final_attempt_reason: Option<String>,
+    pub next_attempt_time: i64,
+    /// `notification` and `no_final_notification` (meaningful once final).
+    pub notification_pending: bool,
+}
+
+impl Finished {
+    /// `record` as a fresh load would show it after `finish` was written with this result.
+    pub(crate) fn apply(&self, record: &mut TxRecord, finish: &Finish) {
+        record.version = self.version;
+        record.last_update = self.last_update;
+        record.lease = None;
+        record.lease_uri = None;
+        record.final_attempt_reason = self.final_attempt_reason.clone();
+        record.tx.final_attempt_reason = self.final_attempt_reason.clone().filter(|r| r != ONESHOT);
+        record.next_attempt_time = (self.next_attempt_time != 0).then_some(self.next_attempt_time);
+        record.notification_pending = record.is_final() && self.notification_pending;
+        if has_responses(&finish.responses) && record.attempt_id.is_some() {
+            record.tx.mail_response = finish.responses.mail_response.clone();
+            record.tx.rcpt_response = finish.responses.rcpt_response.clone();
+            record.tx.data_response = finish.responses.data_response.clone();
+        }
+    }
 }
 
 // ---- gc -------------------------------------------------------------------------------------

@@ -185,7 +185,28 @@ impl Storage {
             version,
             body: Box::new(body),
         };
-        self.write_version(op).await
+        match self.write(op).await? {
+            Reply::BodySet(b) => Ok(b.version),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// [`set_body`](Self::set_body) of `record` (at its version), returning the record as
+    /// it now stands without reading it back.
+    pub async fn set_body_record(&self, record: &TxRecord, body: NewBody) -> Result<TxRecord> {
+        let op = Op::SetBody {
+            id: record.id,
+            version: record.version,
+            body: Box::new(body),
+        };
+        match self.write(op).await? {
+            Reply::BodySet(b) => {
+                let mut record = record.clone();
+                b.apply(&mut record)?;
+                Ok(record)
+            }
+            _ => Err(unexpected()),
+        }
     }
 
     /// Version bump only (a heartbeat). Allowed on finished transactions too.
@@ -306,7 +327,35 @@ impl Storage {
             lease,
             finish: Box::new(finish),
         };
-        self.write_version(op).await
+        match self.write(op).await? {
+            Reply::Finished(f) => Ok(f.version),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// [`finish_attempt`](Self::finish_attempt) of `record` (at its version), returning
+    /// the record as it now stands without reading it back.
+    pub async fn finish_attempt_record(
+        &self,
+        record: &TxRecord,
+        lease: Lease,
+        finish: Finish,
+    ) -> Result<TxRecord> {
+        let finish = Box::new(finish);
+        let op = Op::FinishAttempt {
+            id: record.id,
+            version: record.version,
+            lease,
+            finish: finish.clone(),
+        };
+        match self.write(op).await? {
+            Reply::Finished(f) => {
+                let mut record = record.clone();
+                f.apply(&mut record, &finish);
+                Ok(record)
+            }
+            _ => Err(unexpected()),
+        }
     }
 
     // ---- housekeeping -------------------------------------------------------------------

@@ -70,6 +70,8 @@ pub(crate) enum Reply {
     Record(Box<TxRecord>),
     MaybeRecord(Option<Box<TxRecord>>),
     Version(i64),
+    Finished(ops::Finished),
+    BodySet(Box<ops::BodySet>),
     Cancel(CancelOutcome),
     Append(AppendOutcome),
     Gc(u64, u64),
@@ -170,20 +172,21 @@ impl Writer {
 
         let mut results: Vec<(Result<Reply>, ReplyTx)> = Vec::with_capacity(batch.len());
         let mut broken: Option<StorageError> = None;
-        // The statement closing the previous request's savepoint; sent together with the
+        // The statements closing the previous request's savepoint; sent together with the
         // next statement to save a round trip per request (it matters on Postgres).
-        let mut pending_end: Option<&str> = None;
+        let mut pending_end: &[&str] = &[];
         for (op, tx) in batch {
             if broken.is_some() {
                 results.push((Err(StorageError::Closed), tx));
                 continue;
             }
             if !single {
-                let sql = match pending_end.take() {
-                    Some(end) => format!("{end}; SAVEPOINT req"),
-                    None => "SAVEPOINT req".to_string(),
-                };
-                if let Err(e) = ops::exec(&mut c, &sql).await {
+                let sql: Vec<&str> = std::mem::take(&mut pending_end)
+                    .iter()
+                    .copied()
+                    .chain(["SAVEPOINT req"])
+                    .collect();
+                if let Err(e) = ops::exec_all(&mut c, &sql).await {
                     broken = Some(e);
                     results.push((Err(StorageError::Closed), tx));
                     continue;
@@ -191,11 +194,11 @@ impl Writer {
             }
             let r = apply(&mut c, now, session, refresh_secs, op).await;
             if !single {
-                pending_end = Some(if r.is_ok() {
-                    "RELEASE SAVEPOINT req"
+                pending_end = if r.is_ok() {
+                    &["RELEASE SAVEPOINT req"]
                 } else {
-                    "ROLLBACK TO SAVEPOINT req; RELEASE SAVEPOINT req"
-                });
+                    &["ROLLBACK TO SAVEPOINT req", "RELEASE SAVEPOINT req"]
+                };
             }
             if let Ok(Reply::Session(id)) = &r {
                 self.session = *id;
@@ -214,11 +217,8 @@ impl Writer {
                 return;
             }
             None => {
-                let sql = match pending_end {
-                    Some(end) => format!("{end}; COMMIT"),
-                    None => "COMMIT".to_string(),
-                };
-                ops::exec(&mut c, &sql).await
+                let sql: Vec<&str> = pending_end.iter().copied().chain(["COMMIT"]).collect();
+                ops::exec_all(&mut c, &sql).await
             }
         };
         match outcome {
@@ -271,7 +271,7 @@ async fn apply(
         } => Reply::Version(ops::write_envelope(c, now, id, version, &envelope).await?),
         Op::Ping { id, version } => Reply::Version(ops::ping(c, now, id, version).await?),
         Op::SetBody { id, version, body } => {
-            Reply::Version(ops::set_body(c, now, id, version, &body).await?)
+            Reply::BodySet(Box::new(ops::set_body(c, now, id, version, &body).await?))
         }
         Op::Cancel { rest_id, reason } => {
             Reply::Cancel(ops::cancel(c, now, me, &rest_id, reason.as_deref()).await?)
@@ -292,7 +292,7 @@ async fn apply(
             version,
             lease,
             finish,
-        } => Reply::Version(ops::finish_attempt(c, now, me, id, version, lease, &finish).await?),
+        } => Reply::Finished(ops::finish_attempt(c, now, me, id, version, lease, &finish).await?),
         Op::Gc { ttl } => {
             let (t, b) = ops::gc(c, now, ttl).await?;
             Reply::Gc(t, b)

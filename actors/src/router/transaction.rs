@@ -399,12 +399,10 @@ impl Handler<AttemptWrite> for TransactionActor {
                             Ok(Some(r))
                         }
                         // The end of an attempt changes the lease and maybe the final
-                        // reason: read back what storage decided.
-                        Some(f) => {
-                            s.finish_attempt(r.id, r.version, msg.lease, f.clone())
-                                .await?;
-                            Ok(None)
-                        }
+                        // reason: storage answers with what it decided.
+                        Some(f) => Ok(Some(
+                            s.finish_attempt_record(&r, msg.lease, f.clone()).await?,
+                        )),
                     }
                 }
             },
@@ -545,10 +543,7 @@ impl Handler<AttachBody> for TransactionActor {
             |_| true,
             move |s, r| {
                 let body = body.clone();
-                async move {
-                    s.set_body(r.id, r.version, body).await?;
-                    Ok(None)
-                }
+                async move { Ok(Some(s.set_body_record(&r, body).await?)) }
             },
         )
     }
