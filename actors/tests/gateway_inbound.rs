@@ -69,6 +69,8 @@ struct Knobs {
     data_response: Option<Response>,
     /// Delay the MAIL response (version bump after this long).
     mail_delay: Option<Duration>,
+    /// Answer MAIL with this instead of 250.
+    mail_refusal: Option<Response>,
 }
 
 #[derive(Default)]
@@ -177,6 +179,14 @@ fn json_reply(status: actix_web::http::StatusCode, etag: u64, body: Vec<u8>) -> 
         .body(body)
 }
 
+fn rcpt_reply(m: &str) -> Response {
+    if m.ends_with("@unrouted.example") {
+        Response::new(550, "5.1.1 mailbox does not exist")
+    } else {
+        Response::new(250, "RCPT ok")
+    }
+}
+
 async fn handle(req: HttpRequest, body: web::Bytes, fake: web::Data<Arc<Fake>>) -> HttpResponse {
     let path = req.path().to_string();
     // `/r/...` is "another replica": redirect, method and body preserved.
@@ -199,6 +209,12 @@ async fn handle(req: HttpRequest, body: web::Bytes, fake: web::Data<Arc<Fake>>) 
                 let t = FakeTx {
                     version: 1,
                     mail_from: v.get("mail_from").is_some(),
+                    rcpts: v["rcpt_to"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|r| r["m"].as_str().unwrap().to_string())
+                        .collect(),
                     remote_host: serde_json::from_value(v["remote_host"].clone()).ok(),
                     local_host: serde_json::from_value(v["local_host"].clone()).ok(),
                     ..Default::default()
@@ -207,13 +223,21 @@ async fn handle(req: HttpRequest, body: web::Bytes, fake: web::Data<Arc<Fake>>) 
                 s.txs.insert(id.clone(), t);
                 (id, out, s.knobs.mail_delay)
             };
+            let refusal = fake.state.lock().unwrap().knobs.mail_refusal.clone();
             let set_mail = {
                 let fake = fake.get_ref().clone();
                 let id = id.clone();
                 move || {
                     let mut s = fake.state.lock().unwrap();
                     let t = s.txs.get_mut(&id).unwrap();
-                    t.mail_response = Some(Response::new(250, "MAIL ok (exploder noop)"));
+                    match &refusal {
+                        Some(r) => t.mail_response = Some(r.clone()),
+                        None => {
+                            t.mail_response = Some(Response::new(250, "MAIL ok (exploder noop)"));
+                            // Recipients that came with the create are answered with MAIL.
+                            t.rcpt_response = t.rcpts.iter().map(|m| Some(rcpt_reply(m))).collect();
+                        }
+                    }
                     t.version += 1;
                     drop(s);
                     fake.changed.notify_waiters();
@@ -317,12 +341,7 @@ async fn handle(req: HttpRequest, body: web::Bytes, fake: web::Data<Arc<Fake>>) 
             let etag = t.version;
             if !new_rcpts.is_empty() {
                 for m in new_rcpts {
-                    let r = if m.ends_with("@unrouted.example") {
-                        Response::new(550, "5.1.1 mailbox does not exist")
-                    } else {
-                        Response::new(250, "RCPT ok")
-                    };
-                    t.rcpt_response.push(Some(r));
+                    t.rcpt_response.push(Some(rcpt_reply(&m)));
                 }
                 t.version += 1;
             }
@@ -635,7 +654,8 @@ async fn pipelined_transaction_maps_to_router_dialect() {
     );
     assert_eq!(create["remote_host"][0], "127.0.0.1");
     assert_eq!(create["local_host"][1], addr.port());
-    assert!(create.get("rcpt_to").is_none());
+    // The first recipient, pipelined behind MAIL, comes with the create.
+    assert_eq!(create["rcpt_to"], json!([{"m": "bob@example.com"}]));
     let patches: Vec<Value> = fake
         .events()
         .into_iter()
@@ -653,16 +673,51 @@ async fn pipelined_transaction_maps_to_router_dialect() {
         .collect();
     assert_eq!(
         patches,
-        vec![
-            json!({"rcpt_to": [{"m": "bob@example.com"}]}),
-            json!({"rcpt_to": [{"m": "carol@unrouted.example"}], "rcpt_to_list_offset": 1}),
-        ]
+        vec![json!({"rcpt_to": [{"m": "carol@unrouted.example"}], "rcpt_to_list_offset": 1})]
     );
     assert_eq!(fake.body(), b"Subject: hi\r\n\r\nhello\r\n.dot\r\n");
     // Small body: one plain PUT.
     assert_eq!(fake.puts(), vec![(None, None, 28)]);
     // The data response settled the transaction: QUIT cancels nothing.
     assert_eq!(fake.cancels(), 0);
+    gw.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn refused_mail_refuses_the_pipelined_recipients() {
+    init();
+    let (fake, base) = start_fake().await;
+    fake.state.lock().unwrap().knobs.mail_refusal =
+        Some(Response::new(550, "5.7.1 sender refused"));
+    let (gw, addr) = start_gateway(&opts(&base)).await;
+    let mut c = connect(addr).await;
+    assert_eq!(c.cmd("EHLO client.example").await.code, 250);
+    c.send(
+        "MAIL FROM:<alice@example.com>\r\n\
+         RCPT TO:<bob@example.com>\r\n\
+         RCPT TO:<carol@example.com>\r\n\
+         DATA\r\n",
+    )
+    .await;
+    let mail = c.reply().await;
+    assert_eq!(mail.code, 550, "{mail:?}");
+    assert!(mail.text.contains("sender refused"));
+    // The recipient sent with the create is not taken as answered: every RCPT and the
+    // DATA get the no-MAIL refusal, as without pipelining.
+    for _ in 0..2 {
+        let r = c.reply().await;
+        assert_eq!(r.code, 503, "{r:?}");
+    }
+    assert_eq!(c.reply().await.code, 503);
+    // No PATCH was sent; the refused transaction was cancelled.
+    assert!(
+        !fake
+            .events()
+            .iter()
+            .any(|e| matches!(e, Ev::Patch { json: Some(_), .. }))
+    );
+    assert_eq!(fake.cancels(), 1);
+    assert_eq!(c.cmd("QUIT").await.code, 221);
     gw.shutdown().await;
 }
 

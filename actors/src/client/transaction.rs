@@ -450,6 +450,16 @@ impl RestTransaction {
         Ok(self.read.mail_response.clone().expect("waited for it"))
     }
 
+    /// Waits for `mail_response` and, unless MAIL failed, the first recipient's response
+    /// (a create that carried its first recipient).
+    pub async fn wait_mail_and_rcpt(&mut self, deadline: Instant) -> Result<(), ClientError> {
+        self.wait(Phase::Create, deadline, |r| match &r.mail_response {
+            None => false,
+            Some(m) => m.err() || r.rcpt_response.first().is_some_and(Option::is_some),
+        })
+        .await
+    }
+
     /// Waits for the response to recipient `i`; a failed MAIL answers for it.
     pub async fn wait_rcpt(
         &mut self,

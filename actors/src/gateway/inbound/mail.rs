@@ -97,10 +97,13 @@ impl Session {
         .as_object()
         .cloned()
         .expect("object literal");
+        // A pipelined first RCPT goes with the create: one request and one wait fewer.
+        let first_rcpt = self.pipelined_rcpt();
         let tx = Transaction {
             remote_host: self.remote.clone(),
             local_host: self.local.clone(),
             mail_from: Some(Mailbox::new(address).with_params(esmtp_params(&params))),
+            rcpt_to: first_rcpt.iter().map(|a| Mailbox::new(a.clone())).collect(),
             smtp_meta: Some(meta),
             sender: Some(Sender::new(
                 self.svc.cfg.sender.clone(),
@@ -125,13 +128,28 @@ impl Session {
                 return;
             }
         };
+        if first_rcpt.is_some() {
+            // Both replies from one long poll where possible; a slow recipient must not
+            // cost the MAIL reply, so only the MAIL response is required here.
+            let _ = rest.wait_mail_and_rcpt(deadline).await;
+        }
         match rest.wait_mail(deadline).await {
             Ok(r) => {
                 self.send(&Reply::from_response(&r, "2.1.0"));
                 if r.ok() {
                     self.env.mail_ok = true;
                     self.env.rest = Some(rest);
+                    if first_rcpt.is_some() {
+                        // The RCPT line was handled with the create.
+                        self.conn.skip_line();
+                        self.env.rcpts = 1;
+                        let deadline = self.rcpt_deadline();
+                        let rest = self.env.rest.as_mut().expect("set above");
+                        let result = rest.wait_rcpt(0, deadline).await;
+                        self.rcpt_reply(result).await;
+                    }
                 } else {
+                    // The RCPT line stays and is refused on its own (no MAIL).
                     rest.cancel().await;
                 }
             }

@@ -52,8 +52,7 @@ impl Session {
             self.reply(452, "4.5.3", "Too many recipients");
             return;
         }
-        let timeout = self.svc.cfg.rcpt_timeout.min(self.svc.client.timeout);
-        let deadline = Self::deadline(timeout);
+        let deadline = self.rcpt_deadline();
         let index = self.env.rcpts;
         let rest = self.env.rest.as_mut().expect("MAIL accepted");
         let update = Update {
@@ -67,6 +66,32 @@ impl Session {
             }
             Err(e) => Err(e),
         };
+        self.rcpt_reply(result).await;
+    }
+
+    pub(super) fn rcpt_deadline(&self) -> std::time::Instant {
+        Self::deadline(self.svc.cfg.rcpt_timeout.min(self.svc.client.timeout))
+    }
+
+    /// A pipelined `RCPT TO:<address>` right behind MAIL, with nothing the full RCPT
+    /// path would have to refuse or special-case: its address, to send with the create.
+    pub(super) fn pipelined_rcpt(&self) -> Option<String> {
+        let line = self.conn.peek_line()?;
+        match smtp_proto::Request::parse(&mut line.iter()) {
+            Ok(smtp_proto::Request::Rcpt { to })
+                if !to.address.is_empty() && params_text(line).is_empty() =>
+            {
+                Some(to.address.into_owned())
+            }
+            _ => None,
+        }
+    }
+
+    /// Answers a RCPT from the router's response (or the exchange's failure).
+    pub(super) async fn rcpt_reply(
+        &mut self,
+        result: Result<koukan::Response, crate::client::ClientError>,
+    ) {
         match result {
             Ok(r) => {
                 if r.ok() {

@@ -99,6 +99,23 @@ impl Conn {
         Ok(())
     }
 
+    /// The next complete command line already received (pipelined), without taking it.
+    pub fn peek_line(&self) -> Option<&[u8]> {
+        if self.discarding {
+            return None;
+        }
+        let pos = self.rbuf.iter().position(|&b| b == b'\n')?;
+        let line = &self.rbuf[..=pos];
+        (line.len() <= MAX_COMMAND_LINE).then_some(line)
+    }
+
+    /// Drops the next line (one [`peek_line`](Self::peek_line) returned, now handled).
+    pub fn skip_line(&mut self) {
+        if let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {
+            let _ = self.rbuf.split_to(pos + 1);
+        }
+    }
+
     /// A complete line from the buffer, if there is one. `TooLong` once per overlong
     /// line, after its end was seen.
     fn take_line(&mut self, limit: usize) -> Option<Line> {
