@@ -179,7 +179,7 @@ async fn cas(c: &mut Conn<'_>, old: &TxRow, new: &TxRow) -> Result<()> {
     .set(new);
     let n = match c {
         Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
-        Conn::Pg(c) => q.execute(&mut **c).await?,
+        Conn::Pg(c) => cached::pg(&q)?.execute(&mut **c).await?,
     };
     if n == 1 {
         Ok(())
@@ -962,7 +962,7 @@ async fn bump(
             .set(set);
             match c {
                 Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
-                Conn::Pg(c) => q.execute(&mut **c).await?,
+                Conn::Pg(c) => cached::pg(&q)?.execute(&mut **c).await?,
             }
         }
         None => {
@@ -974,7 +974,7 @@ async fn bump(
             .set(set);
             match c {
                 Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
-                Conn::Pg(c) => q.execute(&mut **c).await?,
+                Conn::Pg(c) => cached::pg(&q)?.execute(&mut **c).await?,
             }
         }
     };
@@ -1137,7 +1137,7 @@ pub(crate) async fn append(
         ));
         let n = match c {
             Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
-            Conn::Pg(c) => q.execute(&mut **c).await?,
+            Conn::Pg(c) => cached::pg(&q)?.execute(&mut **c).await?,
         };
         if n != 1 {
             return Err(StorageError::Conflict);
@@ -1217,7 +1217,7 @@ async fn write_responses(
     ));
     match c {
         Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
-        Conn::Pg(c) => q.execute(&mut **c).await?,
+        Conn::Pg(c) => cached::pg(&q)?.execute(&mut **c).await?,
     };
     Ok(())
 }
