@@ -122,7 +122,7 @@ pub(crate) async fn db_now(c: &mut Conn<'_>) -> Result<i64> {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_err(|e| StorageError::Database(format!("system clock: {e}")))?;
-            return Ok(to_i64(now.as_secs())?);
+            return to_i64(now.as_secs());
         }
         Conn::Pg(c) => {
             diesel::sql_query(

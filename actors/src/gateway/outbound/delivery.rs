@@ -19,6 +19,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
+use super::pool::{IDLE_LIMIT, Key, Pool};
 use super::smtp::{DotStuffer, combine_lmtp, mail_command, rcpt_command, to_response};
 use super::stream::{SmtpStream, opportunistic_connector};
 
@@ -26,7 +27,7 @@ use super::stream::{SmtpStream, opportunistic_connector};
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// STARTTLS policy towards the destination.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum TlsPolicy {
     /// Use STARTTLS when offered; on refusal or handshake failure deliver in plaintext.
     #[default]
@@ -108,6 +109,7 @@ impl OutboundDelivery {
                 rcpts: Vec::new(),
                 rcpts_sent: 0,
                 rcpts_ok: 0,
+                committed: false,
             }),
             cancel,
         }
@@ -147,6 +149,36 @@ struct Conn {
     in_data: bool,
     /// The stream failed: do not try to QUIT.
     broken: bool,
+    /// The last transaction ended with its data replies read: ready for the next MAIL.
+    reusable: bool,
+}
+
+thread_local! {
+    /// This arbiter's idle connections.
+    static IDLE: std::cell::RefCell<Pool<Box<Conn>>> = std::cell::RefCell::new(Pool::default());
+}
+
+/// Parks a connection that is ready for another transaction, or ends it with QUIT.
+async fn release(key: Key, c: Conn) {
+    let c = match IDLE.with_borrow_mut(|p| p.put(key, Box::new(c))) {
+        Ok(id) => {
+            actix_rt::spawn(async move {
+                actix_rt::time::sleep(IDLE_LIMIT).await;
+                if let Some(c) = IDLE.with_borrow_mut(|p| p.expire(&key, id)) {
+                    quit(*c).await;
+                }
+            });
+            return;
+        }
+        Err(c) => *c,
+    };
+    quit(c).await;
+}
+
+/// Courtesy QUIT; its reply does not matter.
+async fn quit(mut c: Conn) {
+    let _ = tokio::time::timeout(QUIT_TIMEOUT, c.client.cmd(b"QUIT\r\n")).await;
+    let _ = tokio::time::timeout(QUIT_TIMEOUT, c.client.stream.shutdown()).await;
 }
 
 struct Session {
@@ -164,6 +196,9 @@ struct Session {
     rcpts: Vec<Mailbox>,
     rcpts_sent: usize,
     rcpts_ok: usize,
+    /// Something was reported to the transaction, or a body chunk taken: the attempt
+    /// can no longer start over on another connection.
+    committed: bool,
 }
 
 enum Input {
@@ -187,13 +222,14 @@ impl Session {
     async fn run(mut self) {
         let mut conn = None;
         let result = self.deliver(&mut conn).await;
-        if let Some(mut c) = conn
+        if let Some(c) = conn
             && !c.in_data
             && !c.broken
         {
-            // Courtesy QUIT; its reply does not matter.
-            let _ = tokio::time::timeout(QUIT_TIMEOUT, c.client.cmd(b"QUIT\r\n")).await;
-            let _ = tokio::time::timeout(QUIT_TIMEOUT, c.client.stream.shutdown()).await;
+            match (&result, self.pool_key()) {
+                (Ok(()), Ok(key)) if c.reusable => release(key, c).await,
+                _ => quit(c).await,
+            }
         }
         let error = match result {
             Ok(()) | Err(Stop::Cancelled) => None,
@@ -204,12 +240,21 @@ impl Session {
     }
 
     fn send_report(
-        &self,
+        &mut self,
         mail: Option<Response>,
         rcpts: Vec<(usize, Response)>,
         data: Option<Response>,
     ) {
+        self.committed = true;
         self.report.do_send(Report::Responses { mail, rcpts, data });
+    }
+
+    fn pool_key(&self) -> Result<Key, Stop> {
+        Ok(Key {
+            addr: self.remote_addr()?,
+            host: Arc::as_ptr(&self.host) as usize,
+            tls: self.tls,
+        })
     }
 
     async fn cancelled(&self) {
@@ -240,6 +285,22 @@ impl Session {
 
     async fn deliver(&mut self, conn: &mut Option<Conn>) -> Result<(), Stop> {
         let addr = self.remote_addr()?;
+        let key = self.pool_key()?;
+        if let Some(c) = IDLE.with_borrow_mut(|p| p.take(&key)) {
+            let mut c = *c;
+            c.reusable = false;
+            let r = self.transaction(&mut c).await;
+            if r.is_ok() || !c.broken || self.committed {
+                *conn = Some(c);
+                return r;
+            }
+            // The server closed the idle connection before answering anything: nothing
+            // was reported or consumed, so start over on a new one.
+            tracing::debug!(%addr, "cached connection was closed; reconnecting");
+            self.mail_sent = false;
+            self.rcpts_sent = 0;
+            self.rcpts_ok = 0;
+        }
         let use_tls = self.tls != TlsPolicy::Disabled;
         *conn = Some(match self.connect(addr, use_tls).await {
             Ok(c) => c,
@@ -291,6 +352,7 @@ impl Session {
             ehlo: EhloResponse::default(),
             in_data: false,
             broken: false,
+            reusable: false,
         };
         macro_rules! fail {
             ($stop:expr) => {
@@ -495,7 +557,10 @@ impl Session {
             }
             match self.next_input().await? {
                 Input::Envelope(e) => self.take_envelope(e),
-                Input::Body(chunk) => first_chunk = Some(chunk),
+                Input::Body(chunk) => {
+                    self.committed = true;
+                    first_chunk = Some(chunk);
+                }
             }
         }
     }
@@ -734,6 +799,7 @@ impl Session {
             }
         };
         c.in_data = false;
+        c.reusable = true;
         let replies: Vec<Response> = replies.iter().map(to_response).collect();
         self.send_report(None, Vec::new(), Some(combine_lmtp(&replies)));
         Ok(())

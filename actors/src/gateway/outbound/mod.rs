@@ -8,6 +8,7 @@
 mod delivery;
 mod error;
 mod http;
+mod pool;
 mod smtp;
 mod stream;
 mod transaction;
