@@ -654,8 +654,11 @@ async fn pipelined_transaction_maps_to_router_dialect() {
     );
     assert_eq!(create["remote_host"][0], "127.0.0.1");
     assert_eq!(create["local_host"][1], addr.port());
-    // The first recipient, pipelined behind MAIL, comes with the create.
-    assert_eq!(create["rcpt_to"], json!([{"m": "bob@example.com"}]));
+    // The recipients pipelined behind MAIL come with the create.
+    assert_eq!(
+        create["rcpt_to"],
+        json!([{"m": "bob@example.com"}, {"m": "carol@unrouted.example"}])
+    );
     let patches: Vec<Value> = fake
         .events()
         .into_iter()
@@ -671,15 +674,53 @@ async fn pipelined_transaction_maps_to_router_dialect() {
             _ => None,
         })
         .collect();
-    assert_eq!(
-        patches,
-        vec![json!({"rcpt_to": [{"m": "carol@unrouted.example"}], "rcpt_to_list_offset": 1})]
-    );
+    assert!(patches.is_empty(), "{patches:?}");
     assert_eq!(fake.body(), b"Subject: hi\r\n\r\nhello\r\n.dot\r\n");
     // Small body: one plain PUT.
     assert_eq!(fake.puts(), vec![(None, None, 28)]);
     // The data response settled the transaction: QUIT cancels nothing.
     assert_eq!(fake.cancels(), 0);
+    gw.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn pipelined_recipients_up_to_the_first_with_parameters_go_with_the_create() {
+    init();
+    let (fake, base) = start_fake().await;
+    let (gw, addr) = start_gateway(&opts(&base)).await;
+    let mut c = connect(addr).await;
+    assert_eq!(c.cmd("EHLO client.example").await.code, 250);
+    c.send(
+        "MAIL FROM:<alice@example.com>\r\n\
+         RCPT TO:<a@example.com>\r\n\
+         RCPT TO:<b@example.com> NOTIFY=NEVER\r\n\
+         RCPT TO:<c@example.com>\r\n\
+         RSET\r\n",
+    )
+    .await;
+    assert_eq!(c.reply().await.code, 250, "MAIL");
+    assert_eq!(c.reply().await.code, 250, "a");
+    assert_eq!(c.reply().await.code, 555, "b: parameters refused");
+    assert_eq!(c.reply().await.code, 250, "c");
+    assert_eq!(c.reply().await.code, 250, "RSET");
+    assert_eq!(
+        fake.creates()[0]["rcpt_to"],
+        json!([{"m": "a@example.com"}]),
+        "the create stops at the first recipient the RCPT path must judge"
+    );
+    let patches: Vec<Value> = fake
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Ev::Patch { json: Some(j), .. } => Some(j),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        patches,
+        vec![json!({"rcpt_to": [{"m": "c@example.com"}], "rcpt_to_list_offset": 1})]
+    );
+    assert_eq!(c.cmd("QUIT").await.code, 221);
     gw.shutdown().await;
 }
 

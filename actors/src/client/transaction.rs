@@ -450,12 +450,20 @@ impl RestTransaction {
         Ok(self.read.mail_response.clone().expect("waited for it"))
     }
 
-    /// Waits for `mail_response` and, unless MAIL failed, the first recipient's response
-    /// (a create that carried its first recipient).
-    pub async fn wait_mail_and_rcpt(&mut self, deadline: Instant) -> Result<(), ClientError> {
+    /// Waits for `mail_response` and, unless MAIL failed, the responses of the first `n`
+    /// recipients (a create that carried them).
+    pub async fn wait_mail_and_rcpts(
+        &mut self,
+        n: usize,
+        deadline: Instant,
+    ) -> Result<(), ClientError> {
         self.wait(Phase::Create, deadline, |r| match &r.mail_response {
             None => false,
-            Some(m) => m.err() || r.rcpt_response.first().is_some_and(Option::is_some),
+            Some(m) => {
+                m.err()
+                    || (r.rcpt_response.len() >= n
+                        && r.rcpt_response[..n].iter().all(Option::is_some))
+            }
         })
         .await
     }

@@ -97,13 +97,14 @@ impl Session {
         .as_object()
         .cloned()
         .expect("object literal");
-        // A pipelined first RCPT goes with the create: one request and one wait fewer.
-        let first_rcpt = self.pipelined_rcpt();
+        // RCPTs pipelined behind MAIL go with the create: one request and one wait
+        // instead of a PATCH and a wait each.
+        let rcpts = self.pipelined_rcpts();
         let tx = Transaction {
             remote_host: self.remote.clone(),
             local_host: self.local.clone(),
             mail_from: Some(Mailbox::new(address).with_params(esmtp_params(&params))),
-            rcpt_to: first_rcpt.iter().map(|a| Mailbox::new(a.clone())).collect(),
+            rcpt_to: rcpts.iter().map(|a| Mailbox::new(a.clone())).collect(),
             smtp_meta: Some(meta),
             sender: Some(Sender::new(
                 self.svc.cfg.sender.clone(),
@@ -128,10 +129,10 @@ impl Session {
                 return;
             }
         };
-        if first_rcpt.is_some() {
-            // Both replies from one long poll where possible; a slow recipient must not
+        if !rcpts.is_empty() {
+            // All replies from one long poll where possible; a slow recipient must not
             // cost the MAIL reply, so only the MAIL response is required here.
-            let _ = rest.wait_mail_and_rcpt(deadline).await;
+            let _ = rest.wait_mail_and_rcpts(rcpts.len(), deadline).await;
         }
         match rest.wait_mail(deadline).await {
             Ok(r) => {
@@ -139,17 +140,22 @@ impl Session {
                 if r.ok() {
                     self.env.mail_ok = true;
                     self.env.rest = Some(rest);
-                    if first_rcpt.is_some() {
-                        // The RCPT line was handled with the create.
+                    // The RCPT lines were handled with the create: answer each in turn.
+                    for i in 0..rcpts.len() {
                         self.conn.skip_line();
-                        self.env.rcpts = 1;
+                        self.env.rcpts = i + 1;
                         let deadline = self.rcpt_deadline();
-                        let rest = self.env.rest.as_mut().expect("set above");
-                        let result = rest.wait_rcpt(0, deadline).await;
+                        let Some(rest) = self.env.rest.as_mut() else {
+                            // An earlier recipient's wait failed the transaction.
+                            let r = self.env.failed.clone().expect("failed transaction");
+                            self.send(&r);
+                            continue;
+                        };
+                        let result = rest.wait_rcpt(i, deadline).await;
                         self.rcpt_reply(result).await;
                     }
                 } else {
-                    // The RCPT line stays and is refused on its own (no MAIL).
+                    // The RCPT lines stay and are refused on their own (no MAIL).
                     rest.cancel().await;
                 }
             }

@@ -73,18 +73,22 @@ impl Session {
         Self::deadline(self.svc.cfg.rcpt_timeout.min(self.svc.client.timeout))
     }
 
-    /// A pipelined `RCPT TO:<address>` right behind MAIL, with nothing the full RCPT
-    /// path would have to refuse or special-case: its address, to send with the create.
-    pub(super) fn pipelined_rcpt(&self) -> Option<String> {
-        let line = self.conn.peek_line()?;
-        match smtp_proto::Request::parse(&mut line.iter()) {
-            Ok(smtp_proto::Request::Rcpt { to })
-                if !to.address.is_empty() && params_text(line).is_empty() =>
-            {
-                Some(to.address.into_owned())
+    /// The `RCPT TO:<address>` lines pipelined right behind MAIL, up to the first one the
+    /// full RCPT path would have to refuse or special-case: their addresses, to send with
+    /// the create.
+    pub(super) fn pipelined_rcpts(&self) -> Vec<String> {
+        let mut rcpts = Vec::new();
+        for line in self.conn.peek_lines().take(MAX_RECIPIENTS) {
+            match smtp_proto::Request::parse(&mut line.iter()) {
+                Ok(smtp_proto::Request::Rcpt { to })
+                    if !to.address.is_empty() && params_text(line).is_empty() =>
+                {
+                    rcpts.push(to.address.into_owned())
+                }
+                _ => break,
             }
-            _ => None,
         }
+        rcpts
     }
 
     /// Answers a RCPT from the router's response (or the exchange's failure).

@@ -99,14 +99,16 @@ impl Conn {
         Ok(())
     }
 
-    /// The next complete command line already received (pipelined), without taking it.
-    pub fn peek_line(&self) -> Option<&[u8]> {
-        if self.discarding {
-            return None;
-        }
-        let pos = self.rbuf.iter().position(|&b| b == b'\n')?;
-        let line = &self.rbuf[..=pos];
-        (line.len() <= MAX_COMMAND_LINE).then_some(line)
+    /// The complete command lines already received (pipelined), without taking them;
+    /// stops at the first overlong one.
+    pub fn peek_lines(&self) -> impl Iterator<Item = &[u8]> {
+        let mut rest: &[u8] = if self.discarding { &[] } else { &self.rbuf };
+        std::iter::from_fn(move || {
+            let pos = rest.iter().position(|&b| b == b'\n')?;
+            let (line, after) = rest.split_at(pos + 1);
+            rest = after;
+            (line.len() <= MAX_COMMAND_LINE).then_some(line)
+        })
     }
 
     /// Drops the next line (one [`peek_line`](Self::peek_line) returned, now handled).

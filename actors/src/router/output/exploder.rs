@@ -76,7 +76,7 @@ impl Exploder {
     }
 
     /// Creates the transaction of downstream recipient `i`, with its attempt started here.
-    async fn add(&mut self, tx: &ChainTx, i: usize) -> Recipient {
+    async fn add(&self, tx: &ChainTx, i: usize) -> Recipient {
         let mut r = Recipient {
             actor: None,
             rx: None,
@@ -348,10 +348,13 @@ impl Filter for Exploder {
                 tx.tx.mail_response = Some(mail_ok());
             }
             let from = self.rcpts.len();
-            for i in from..tx.tx.rcpt_to.len() {
-                let r = self.add(tx, i).await;
-                self.rcpts.push(r);
-            }
+            // Recipients that arrived together are created together: their creates share
+            // a commit instead of queueing behind each other.
+            let added = futures_util::future::join_all(
+                (from..tx.tx.rcpt_to.len()).map(|i| self.add(tx, i)),
+            )
+            .await;
+            self.rcpts.extend(added);
             if self.rcpts.len() > from {
                 self.answer_rcpts(tx, from).await;
             } else if tx.heartbeat {
