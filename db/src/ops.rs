@@ -4,8 +4,11 @@
 
 use bytes::{Bytes, BytesMut};
 use diesel::dsl::not;
+use diesel::pg::Pg;
+use diesel::query_builder::QueryFragment;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::BigInt;
+use diesel::sqlite::Sqlite;
 use diesel::{
     AsChangeset, BoolExpressionMethods, ExpressionMethods, JoinOnDsl, NullableExpressionMethods,
     OptionalExtension, QueryDsl, Queryable, QueryableByName, Selectable, SelectableHelper,
@@ -109,6 +112,17 @@ pub(crate) async fn exec_all(c: &mut Conn<'_>, sql: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Executes `q` as a statement kept prepared on either backend (see [`cached`]).
+async fn execute_cached<Q>(c: &mut Conn<'_>, q: &Q) -> Result<usize>
+where
+    Q: QueryFragment<Sqlite> + QueryFragment<Pg>,
+{
+    Ok(match c {
+        Conn::Sqlite(c) => cached::sqlite(q)?.execute(&mut **c).await?,
+        Conn::Pg(c) => cached::pg(q)?.execute(&mut **c).await?,
+    })
+}
+
 /// DB clock, Unix seconds (on Postgres: the start of the current SQL transaction).
 pub(crate) async fn db_now(c: &mut Conn<'_>) -> Result<i64> {
     #[derive(QueryableByName)]
@@ -177,10 +191,7 @@ async fn cas(c: &mut Conn<'_>, old: &TxRow, new: &TxRow) -> Result<()> {
             .filter(transactions::version.eq(old.version)),
     )
     .set(new);
-    let n = match c {
-        Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
-        Conn::Pg(c) => cached::pg(&q)?.execute(&mut **c).await?,
-    };
+    let n = execute_cached(c, &q).await?;
     if n == 1 {
         Ok(())
     } else {
@@ -704,6 +715,21 @@ async fn add_ref(c: &mut Conn<'_>, tx_id: DbId, name: &str, blob_id: i64) -> Res
     Ok(())
 }
 
+/// Refers transaction `tx_id` to its body's blobs; the rows a load would list (by id).
+async fn add_refs(
+    c: &mut Conn<'_>,
+    tx_id: DbId,
+    refs: Vec<(&str, NewBlob)>,
+) -> Result<Vec<BlobRow>> {
+    let mut rows = Vec::with_capacity(refs.len());
+    for (name, (blob, length, total)) in refs {
+        add_ref(c, tx_id, name, blob).await?;
+        rows.push((name.to_string(), blob, length, total));
+    }
+    rows.sort_by_key(|b| b.1);
+    Ok(rows)
+}
+
 // ---- transactions ---------------------------------------------------------------------------
 
 /// Creates or looks up the blobs of a body: the refs to add, whether every blob is
@@ -766,12 +792,7 @@ pub(crate) async fn set_body(
     n.input_done = done;
     n.message_builder = message_builder;
     cas(c, &row, &n).await?;
-    let mut blobs = Vec::with_capacity(refs.len());
-    for (name, (blob, length, total)) in refs {
-        add_ref(c, id, name, blob).await?;
-        blobs.push((name.to_string(), blob, length, total));
-    }
-    blobs.sort_by_key(|b| b.1);
+    let blobs = add_refs(c, id, refs).await?;
     Ok(BodySet {
         version: n.version,
         last_update: now,
@@ -866,13 +887,7 @@ async fn insert_transaction(
         }
         e => e.into(),
     })?;
-    let mut blob_rows = Vec::with_capacity(refs.len());
-    for (name, (blob, length, total)) in refs {
-        add_ref(c, id, name, blob).await?;
-        blob_rows.push((name.to_string(), blob, length, total));
-    }
-    // Loads list blobs by id.
-    blob_rows.sort_by_key(|b| b.1);
+    let blob_rows = add_refs(c, id, refs).await?;
     let row = TxRow {
         id,
         rest_id: new.rest_id.clone(),
@@ -904,7 +919,8 @@ pub(crate) async fn create_record(
     let start = new.leased && new.start_attempt;
     let (row, blobs, uri) = insert_transaction(c, now, me, new, new.leased, start).await?;
     let attempt = if start {
-        insert_first_attempt(c, now, row.id).await?;
+        // The row is new: its first attempt is attempt 1.
+        insert_attempt_id(c, now, row.id, 1).await?;
         Some((1, None))
     } else {
         None
@@ -960,10 +976,7 @@ async fn bump(
                     .filter(transactions::lease_generation.eq(l.generation)),
             )
             .set(set);
-            match c {
-                Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
-                Conn::Pg(c) => cached::pg(&q)?.execute(&mut **c).await?,
-            }
+            execute_cached(c, &q).await?
         }
         None => {
             let q = diesel::update(
@@ -972,10 +985,7 @@ async fn bump(
                     .filter(transactions::version.eq(version)),
             )
             .set(set);
-            match c {
-                Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
-                Conn::Pg(c) => cached::pg(&q)?.execute(&mut **c).await?,
-            }
+            execute_cached(c, &q).await?
         }
     };
     if n == 1 {
@@ -1135,10 +1145,7 @@ pub(crate) async fn append(
             blobs::total.eq(t),
             blobs::last_update.eq(now),
         ));
-        let n = match c {
-            Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
-            Conn::Pg(c) => cached::pg(&q)?.execute(&mut **c).await?,
-        };
+        let n = execute_cached(c, &q).await?;
         if n != 1 {
             return Err(StorageError::Conflict);
         }
@@ -1179,11 +1186,6 @@ async fn insert_attempt(c: &mut Conn<'_>, now: i64, id: DbId) -> Result<i64> {
     insert_attempt_id(c, now, id, next).await
 }
 
-/// Attempt 1 of a transaction created in this SQL transaction.
-async fn insert_first_attempt(c: &mut Conn<'_>, now: i64, id: DbId) -> Result<i64> {
-    insert_attempt_id(c, now, id, 1).await
-}
-
 async fn insert_attempt_id(c: &mut Conn<'_>, now: i64, id: DbId, next: i64) -> Result<i64> {
     run!(c, |c| diesel::insert_into(attempts::table)
         .values((
@@ -1215,10 +1217,7 @@ async fn write_responses(
         attempts::responses.eq(Some(json)),
         attempts::last_update.eq(now),
     ));
-    match c {
-        Conn::Sqlite(c) => cached::sqlite(&q)?.execute(&mut **c).await?,
-        Conn::Pg(c) => cached::pg(&q)?.execute(&mut **c).await?,
-    };
+    execute_cached(c, &q).await?;
     Ok(())
 }
 
@@ -1401,8 +1400,9 @@ pub(crate) struct Finished {
 }
 
 impl Finished {
-    /// `record` as a fresh load would show it after `finish` was written with this result.
-    pub(crate) fn apply(&self, record: &mut TxRecord, finish: &Finish) {
+    /// `record` as a fresh load would show it after a finish with `responses` was written
+    /// with this result.
+    pub(crate) fn apply(&self, record: &mut TxRecord, responses: &Transaction) {
         record.version = self.version;
         record.last_update = self.last_update;
         record.lease = None;
@@ -1411,10 +1411,10 @@ impl Finished {
         record.tx.final_attempt_reason = self.final_attempt_reason.clone().filter(|r| r != ONESHOT);
         record.next_attempt_time = (self.next_attempt_time != 0).then_some(self.next_attempt_time);
         record.notification_pending = record.is_final() && self.notification_pending;
-        if has_responses(&finish.responses) && record.attempt_id.is_some() {
-            record.tx.mail_response = finish.responses.mail_response.clone();
-            record.tx.rcpt_response = finish.responses.rcpt_response.clone();
-            record.tx.data_response = finish.responses.data_response.clone();
+        if has_responses(responses) && record.attempt_id.is_some() {
+            record.tx.mail_response = responses.mail_response.clone();
+            record.tx.rcpt_response = responses.rcpt_response.clone();
+            record.tx.data_response = responses.data_response.clone();
         }
     }
 }

@@ -180,31 +180,26 @@ impl Storage {
     /// Gives a transaction that has no body yet its body (e.g. a reused, finalized blob),
     /// setting `input_done` when complete. `Invalid` if it already has one.
     pub async fn set_body(&self, id: DbId, version: i64, body: NewBody) -> Result<i64> {
+        Ok(self.body_set(id, version, body).await?.version)
+    }
+
+    /// [`set_body`](Self::set_body) of `record` (at its version), returning the record as
+    /// it now stands without reading it back.
+    pub async fn set_body_record(&self, mut record: TxRecord, body: NewBody) -> Result<TxRecord> {
+        self.body_set(record.id, record.version, body)
+            .await?
+            .apply(&mut record)?;
+        Ok(record)
+    }
+
+    async fn body_set(&self, id: DbId, version: i64, body: NewBody) -> Result<ops::BodySet> {
         let op = Op::SetBody {
             id,
             version,
             body: Box::new(body),
         };
         match self.write(op).await? {
-            Reply::BodySet(b) => Ok(b.version),
-            _ => Err(unexpected()),
-        }
-    }
-
-    /// [`set_body`](Self::set_body) of `record` (at its version), returning the record as
-    /// it now stands without reading it back.
-    pub async fn set_body_record(&self, record: &TxRecord, body: NewBody) -> Result<TxRecord> {
-        let op = Op::SetBody {
-            id: record.id,
-            version: record.version,
-            body: Box::new(body),
-        };
-        match self.write(op).await? {
-            Reply::BodySet(b) => {
-                let mut record = record.clone();
-                b.apply(&mut record)?;
-                Ok(record)
-            }
+            Reply::BodySet(b) => Ok(*b),
             _ => Err(unexpected()),
         }
     }
@@ -321,6 +316,32 @@ impl Storage {
         lease: Lease,
         finish: Finish,
     ) -> Result<i64> {
+        Ok(self.finished(id, version, lease, finish).await?.version)
+    }
+
+    /// [`finish_attempt`](Self::finish_attempt) of `record` (at its version), returning
+    /// the record as it now stands without reading it back.
+    pub async fn finish_attempt_record(
+        &self,
+        mut record: TxRecord,
+        lease: Lease,
+        finish: Finish,
+    ) -> Result<TxRecord> {
+        // Only the responses are needed afterwards (not the DSN and its body).
+        let responses = finish.responses.clone();
+        self.finished(record.id, record.version, lease, finish)
+            .await?
+            .apply(&mut record, &responses);
+        Ok(record)
+    }
+
+    async fn finished(
+        &self,
+        id: DbId,
+        version: i64,
+        lease: Lease,
+        finish: Finish,
+    ) -> Result<ops::Finished> {
         let op = Op::FinishAttempt {
             id,
             version,
@@ -328,32 +349,7 @@ impl Storage {
             finish: Box::new(finish),
         };
         match self.write(op).await? {
-            Reply::Finished(f) => Ok(f.version),
-            _ => Err(unexpected()),
-        }
-    }
-
-    /// [`finish_attempt`](Self::finish_attempt) of `record` (at its version), returning
-    /// the record as it now stands without reading it back.
-    pub async fn finish_attempt_record(
-        &self,
-        record: &TxRecord,
-        lease: Lease,
-        finish: Finish,
-    ) -> Result<TxRecord> {
-        let finish = Box::new(finish);
-        let op = Op::FinishAttempt {
-            id: record.id,
-            version: record.version,
-            lease,
-            finish: finish.clone(),
-        };
-        match self.write(op).await? {
-            Reply::Finished(f) => {
-                let mut record = record.clone();
-                f.apply(&mut record, &finish);
-                Ok(record)
-            }
+            Reply::Finished(f) => Ok(f),
             _ => Err(unexpected()),
         }
     }

@@ -401,7 +401,7 @@ impl Handler<AttemptWrite> for TransactionActor {
                         // The end of an attempt changes the lease and maybe the final
                         // reason: storage answers with what it decided.
                         Some(f) => Ok(Some(
-                            s.finish_attempt_record(&r, msg.lease, f.clone()).await?,
+                            s.finish_attempt_record(r, msg.lease, f.clone()).await?,
                         )),
                     }
                 }
@@ -543,7 +543,7 @@ impl Handler<AttachBody> for TransactionActor {
             |_| true,
             move |s, r| {
                 let body = body.clone();
-                async move { Ok(Some(s.set_body_record(&r, body).await?)) }
+                async move { Ok(Some(s.set_body_record(r, body).await?)) }
             },
         )
     }

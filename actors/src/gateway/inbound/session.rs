@@ -111,7 +111,7 @@ impl Conn {
         })
     }
 
-    /// Drops the next line (one [`peek_line`](Self::peek_line) returned, now handled).
+    /// Drops the next line (the first [`peek_lines`](Self::peek_lines) gave, now handled).
     pub fn skip_line(&mut self) {
         if let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {
             let _ = self.rbuf.split_to(pos + 1);
