@@ -41,6 +41,8 @@ struct Opts {
     /// `msa`/`ingress` endpoints' `upstream_refresh` (exploder heartbeats upstream).
     exploder_refresh: u64,
     rest_rcpt_timeout: u64,
+    /// `storage.store_smtp_transactions`.
+    store_smtp: bool,
 }
 
 impl Default for Opts {
@@ -57,6 +59,7 @@ impl Default for Opts {
             exploder_data_timeout: 2,
             exploder_refresh: 30,
             rest_rcpt_timeout: 4,
+            store_smtp: false,
         }
     }
 }
@@ -131,6 +134,7 @@ endpoint:
 {endpoints}
 storage:
   url: sqlite:///{db}
+  store_smtp_transactions: {store_smtp}
 "#,
         dequeue = o.dequeue,
         senders = o.senders,
@@ -144,6 +148,7 @@ storage:
         xrt = o.exploder_rcpt_timeout,
         xdt = o.exploder_data_timeout,
         db = db.display(),
+        store_smtp = o.store_smtp,
     )
 }
 
@@ -781,6 +786,30 @@ async fn exploder_ingress_table() {
     assert!(env.rx.dsns().is_empty());
     // What timed out never got a body upstream.
     assert!(env.rx.to("hang@").iter().all(|t| t.body.is_empty()));
+}
+
+/// The SMTP-facing side of an exploder lives in the router's memory (no row): its body is a
+/// stored blob the recipient's transaction shares, and the client follows it to the end.
+/// With `storage.store_smtp_transactions` it is stored as well.
+#[actix_rt::test]
+async fn smtp_facing_transactions_are_kept_in_memory_unless_configured() {
+    for store in [false, true] {
+        let env = start(Opts {
+            store_smtp: store,
+            ..Default::default()
+        })
+        .await;
+        let got = env.smtp_tx("ingress", &["ok@example.net"]).await;
+        assert_eq!(got.data.as_ref().map(|d| d.code), Some(250), "{got:?}");
+        let v = env.wait_final(&got.url).await;
+        assert_eq!(code(&v["data_response"]), 250, "{v}");
+        let stored = env.router.storage.load(&rest_id(&got.url)).await.unwrap();
+        assert_eq!(stored.is_some(), store, "{stored:?}");
+        let to = env.rx.to("ok@");
+        assert_eq!(to.len(), 1);
+        assert_eq!(to[0].body, MESSAGE.as_bytes());
+        assert!(to[0].body_finalized, "{:?}", to[0]);
+    }
 }
 
 #[actix_rt::test]

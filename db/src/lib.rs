@@ -8,6 +8,7 @@
 mod cached;
 mod conn;
 mod error;
+pub mod memory;
 mod ops;
 mod schema;
 mod storage;

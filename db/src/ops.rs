@@ -697,6 +697,23 @@ async fn reusable_blob(c: &mut Conn<'_>, uri: &BlobUri) -> Result<NewBlob> {
     }
 }
 
+/// A finalized blob named by its id, for sharing.
+async fn shared_blob(c: &mut Conn<'_>, id: i64) -> Result<NewBlob> {
+    let found: Option<(i64, Option<i64>)> = run!(c, |c| blobs::table
+        .filter(blobs::id.eq(id))
+        .select((blobs::length, blobs::total))
+        .get_result(c)
+        .await
+        .optional())?;
+    match found {
+        None => Err(StorageError::BadReuse(format!("no blob {id}"))),
+        Some((len, total)) if total == Some(len) => Ok((id, len, total)),
+        Some(_) => Err(StorageError::BadReuse(format!(
+            "blob {id} is not finalized"
+        ))),
+    }
+}
+
 async fn add_ref(c: &mut Conn<'_>, tx_id: DbId, name: &str, blob_id: i64) -> Result<()> {
     run!(c, |c| diesel::insert_into(tx_blobs::table)
         .values((
@@ -750,6 +767,7 @@ async fn body_refs<'b>(
         }
         NewBody::Inline(data) => refs.push((BODY_BLOB, insert_blob(c, now, Some(data)).await?)),
         NewBody::Reuse(uri) => refs.push((BODY_BLOB, reusable_blob(c, uri).await?)),
+        NewBody::Blob(id) => refs.push((BODY_BLOB, shared_blob(c, *id).await?)),
         NewBody::MessageBuilder { spec, blobs } => {
             message_builder = Some(spec.to_string());
             for (name, source) in blobs {
@@ -906,6 +924,39 @@ async fn insert_transaction(
         no_final_notification: false,
     };
     Ok((row, blob_rows, uri))
+}
+
+/// The record [`create_record`] would return for a leased, started, bodiless create, for a
+/// transaction kept only in memory (`id` is negative: never a row).
+pub(crate) fn memory_record(
+    id: DbId,
+    now: i64,
+    me: SessionId,
+    new: &NewTransaction,
+) -> Result<TxRecord> {
+    if new.body != NewBody::None || !new.leased || !new.start_attempt {
+        return Err(StorageError::Invalid(
+            "only a leased, started transaction without a body is kept in memory".into(),
+        ));
+    }
+    let row = TxRow {
+        id,
+        rest_id: new.rest_id.clone(),
+        json: new.tx.to_db_json().to_string(),
+        input_done: false,
+        final_attempt_reason: (!new.tx.retry).then(|| ONESHOT.to_string()),
+        creation_session_id: Some(me),
+        lease_session_id: Some(me),
+        lease_generation: 2,
+        creation: now,
+        last_update: now,
+        version: 2,
+        next_attempt_time: 0,
+        message_builder: None,
+        notification: new.tx.notification,
+        no_final_notification: false,
+    };
+    build_record(row, None, Vec::new(), Some((1, None)))
 }
 
 pub(crate) async fn create_record(
@@ -1083,12 +1134,12 @@ pub(crate) async fn append(
         .await
         .optional())?;
     let mut created = false;
-    let (blob_id, held, stored_total) = match blob {
-        Some((id, len, total)) => (
-            id,
-            to_u64("blob length", len)?,
-            total.map(|t| to_u64("blob total", t)).transpose()?,
-        ),
+    let held = match blob {
+        Some((id, len, total)) => Held {
+            blob_id: id,
+            length: to_u64("blob length", len)?,
+            total: total.map(|t| to_u64("blob total", t)).transpose()?,
+        },
         None if a.create_body
             && a.blob == BODY_BLOB
             && a.offset == 0
@@ -1097,61 +1148,20 @@ pub(crate) async fn append(
             let (id, _, _) = insert_blob(c, now, None).await?;
             add_ref(c, row.id, BODY_BLOB, id).await?;
             created = true;
-            (id, 0, None)
+            Held {
+                blob_id: id,
+                length: 0,
+                total: None,
+            }
         }
         None => return Ok(AppendOutcome::UnknownBlob),
     };
-    let info = |length: u64, total: Option<u64>| BlobInfo {
-        name: a.blob.clone(),
-        blob_id,
-        length,
-        total,
-    };
-    let mismatch = AppendOutcome::Mismatch {
-        blob: info(held, stored_total),
-    };
-    let end = a.offset + a.data.len() as u64;
-    if let Some(t) = a.total
-        && (t < end || t < held || stored_total.is_some_and(|s| s != t))
+    let (blob, changed) = match append_at(c, now, &a.blob, held, a.offset, &a.data, a.total).await?
     {
-        return Ok(mismatch);
-    }
-    if a.offset > held {
-        return Ok(mismatch);
-    }
-    // The overlap with what is held is assumed identical (a resent chunk).
-    let skip = (held - a.offset) as usize;
-    let rest: &[u8] = a.data.get(skip..).unwrap_or(&[]);
-    let new_len = held + rest.len() as u64;
-    let new_total = stored_total.or(a.total);
-    if new_total.is_some_and(|t| new_len > t) {
-        return Ok(mismatch);
-    }
-    let changed = !rest.is_empty() || new_total != stored_total;
-    if changed {
-        insert_chunks(c, blob_id, held, rest).await?;
-        let (h, l, t) = (
-            to_i64(held)?,
-            to_i64(new_len)?,
-            new_total.map(to_i64).transpose()?,
-        );
-        let q = diesel::update(
-            blobs::table
-                .filter(blobs::id.eq(blob_id))
-                .filter(blobs::length.eq(h)),
-        )
-        .set((
-            blobs::length.eq(l),
-            blobs::total.eq(t),
-            blobs::last_update.eq(now),
-        ));
-        let n = execute_cached(c, &q).await?;
-        if n != 1 {
-            return Err(StorageError::Conflict);
-        }
-    }
-    let was_final = stored_total == Some(held);
-    let finalized_now = !was_final && new_total == Some(new_len);
+        Appended::Done { blob, changed } => (blob, changed),
+        Appended::Mismatch(blob) => return Ok(AppendOutcome::Mismatch { blob }),
+    };
+    let finalized_now = !held.finalized() && blob.finalized();
     let keep_alive = changed && now - row.last_update >= refresh_secs;
     let mut version = None;
     if created || finalized_now || keep_alive {
@@ -1173,10 +1183,138 @@ pub(crate) async fn append(
         cas(c, &row, &n).await?;
         version = Some(n.version);
     }
-    Ok(AppendOutcome::Ok {
+    Ok(AppendOutcome::Ok { blob, version })
+}
+
+/// A blob's state before an append.
+#[derive(Clone, Copy)]
+struct Held {
+    blob_id: i64,
+    length: u64,
+    total: Option<u64>,
+}
+
+impl Held {
+    fn finalized(&self) -> bool {
+        self.total == Some(self.length)
+    }
+}
+
+enum Appended {
+    /// `changed`: bytes or a total were stored.
+    Done {
+        blob: BlobInfo,
+        changed: bool,
+    },
+    Mismatch(BlobInfo),
+}
+
+/// The blob part of an append (the semantics of [`crate::Storage::append`]).
+async fn append_at(
+    c: &mut Conn<'_>,
+    now: i64,
+    name: &str,
+    held: Held,
+    offset: u64,
+    data: &[u8],
+    total: Option<u64>,
+) -> Result<Appended> {
+    let info = |length: u64, total: Option<u64>| BlobInfo {
+        name: name.to_string(),
+        blob_id: held.blob_id,
+        length,
+        total,
+    };
+    let mismatch = Appended::Mismatch(info(held.length, held.total));
+    let end = offset + data.len() as u64;
+    if let Some(t) = total
+        && (t < end || t < held.length || held.total.is_some_and(|s| s != t))
+    {
+        return Ok(mismatch);
+    }
+    if offset > held.length {
+        return Ok(mismatch);
+    }
+    // The overlap with what is held is assumed identical (a resent chunk).
+    let skip = (held.length - offset) as usize;
+    let rest: &[u8] = data.get(skip..).unwrap_or(&[]);
+    let new_len = held.length + rest.len() as u64;
+    let new_total = held.total.or(total);
+    if new_total.is_some_and(|t| new_len > t) {
+        return Ok(mismatch);
+    }
+    let changed = !rest.is_empty() || new_total != held.total;
+    if changed {
+        insert_chunks(c, held.blob_id, held.length, rest).await?;
+        let (h, l, t) = (
+            to_i64(held.length)?,
+            to_i64(new_len)?,
+            new_total.map(to_i64).transpose()?,
+        );
+        let q = diesel::update(
+            blobs::table
+                .filter(blobs::id.eq(held.blob_id))
+                .filter(blobs::length.eq(h)),
+        )
+        .set((
+            blobs::length.eq(l),
+            blobs::total.eq(t),
+            blobs::last_update.eq(now),
+        ));
+        let n = execute_cached(c, &q).await?;
+        if n != 1 {
+            return Err(StorageError::Conflict);
+        }
+    }
+    Ok(Appended::Done {
         blob: info(new_len, new_total),
-        version,
+        changed,
     })
+}
+
+/// An append to a blob no stored transaction refers to yet (the body of a transaction
+/// kept in memory); `blob_id: None` creates it. The transaction side is the caller's.
+pub(crate) async fn append_blob(
+    c: &mut Conn<'_>,
+    now: i64,
+    a: &BlobAppend,
+) -> Result<AppendOutcome> {
+    let held = match a.blob_id {
+        None if a.offset == 0 => {
+            let (id, _, _) = insert_blob(c, now, None).await?;
+            Held {
+                blob_id: id,
+                length: 0,
+                total: None,
+            }
+        }
+        None => return Ok(AppendOutcome::UnknownBlob),
+        Some(id) => {
+            let found: Option<(i64, Option<i64>)> = run!(c, |c| blobs::table
+                .filter(blobs::id.eq(id))
+                .select((blobs::length, blobs::total))
+                .get_result(c)
+                .await
+                .optional())?;
+            let Some((len, total)) = found else {
+                return Ok(AppendOutcome::UnknownBlob);
+            };
+            Held {
+                blob_id: id,
+                length: to_u64("blob length", len)?,
+                total: total.map(|t| to_u64("blob total", t)).transpose()?,
+            }
+        }
+    };
+    Ok(
+        match append_at(c, now, BODY_BLOB, held, a.offset, &a.data, a.total).await? {
+            Appended::Done { blob, .. } => AppendOutcome::Ok {
+                blob,
+                version: None,
+            },
+            Appended::Mismatch(blob) => AppendOutcome::Mismatch { blob },
+        },
+    )
 }
 
 // ---- attempts -------------------------------------------------------------------------------
@@ -1221,7 +1359,7 @@ async fn write_responses(
     Ok(())
 }
 
-fn has_responses(t: &Transaction) -> bool {
+pub(crate) fn has_responses(t: &Transaction) -> bool {
     t.mail_response.is_some()
         || t.rcpt_response.iter().any(Option::is_some)
         || t.data_response.is_some()
@@ -1437,9 +1575,15 @@ pub(crate) async fn gc(c: &mut Conn<'_>, now: i64, ttl: i64) -> Result<(u64, u64
     )
     .execute(c)
     .await)?;
-    let blobs_deleted = run!(c, |c| diesel::delete(blobs::table.filter(not(
-        blobs::id.eq_any(tx_blobs::table.select(tx_blobs::blob_id))
-    )))
+    // Unreferenced blobs only once idle as long: the body of a transaction kept in memory
+    // has no reference until its recipients' transactions share it.
+    let blobs_deleted = run!(c, |c| diesel::delete(
+        blobs::table
+            .filter(blobs::last_update.le(cutoff))
+            .filter(not(
+                blobs::id.eq_any(tx_blobs::table.select(tx_blobs::blob_id))
+            ))
+    )
     .execute(c)
     .await)?;
     Ok((txs as u64, blobs_deleted as u64))

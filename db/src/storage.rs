@@ -255,6 +255,17 @@ impl Storage {
         }
     }
 
+    /// Appends to a blob that belongs to a transaction kept in memory (see [`BlobAppend`]):
+    /// the same semantics as [`append`](Self::append) for the blob; `Ok` carries no version
+    /// (the transaction is not stored). `UnknownBlob` for an unknown id, or a create at a
+    /// non-zero offset.
+    pub async fn append_blob(&self, append: BlobAppend) -> Result<AppendOutcome> {
+        match self.write(Op::AppendBlob(Box::new(append))).await? {
+            Reply::Append(a) => Ok(a),
+            _ => Err(unexpected()),
+        }
+    }
+
     /// Reads up to `max` bytes of a blob from `offset` (may return less; empty at the end).
     pub async fn read_blob(&self, blob_id: i64, offset: u64, max: usize) -> Result<Bytes> {
         self.read(

@@ -100,6 +100,11 @@ impl TxRecord {
     pub fn blob(&self, name: &str) -> Option<&BlobInfo> {
         self.blobs.iter().find(|b| b.name == name)
     }
+    /// Kept only in memory (the SMTP-facing side of a cut-through exploder): no row,
+    /// a negative id.
+    pub fn in_memory(&self) -> bool {
+        self.id < 0
+    }
     /// Done for good: a real final reason (not the internal `oneshot`).
     pub fn is_final(&self) -> bool {
         self.tx.final_attempt_reason.is_some()
@@ -117,6 +122,8 @@ pub enum NewBody {
     Inline(Bytes),
     /// Share a finalized body of another transaction (refcount, no copy).
     Reuse(BlobUri),
+    /// Share a finalized blob by its id (the body of a transaction kept in memory).
+    Blob(i64),
     /// A message-builder spec (content rewritten to `create_id`s) and its blobs.
     MessageBuilder {
         spec: Value,
@@ -149,6 +156,16 @@ pub struct Append {
     pub offset: u64,
     pub data: Bytes,
     /// Total length declared by this request.
+    pub total: Option<u64>,
+}
+
+/// One append to a blob no stored transaction refers to yet (the raw body of a transaction
+/// kept in memory). `blob_id: None` creates the blob (then `offset` must be 0).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlobAppend {
+    pub blob_id: Option<i64>,
+    pub offset: u64,
+    pub data: Bytes,
     pub total: Option<u64>,
 }
 

@@ -40,6 +40,7 @@ pub(crate) enum Op {
         reason: Option<String>,
     },
     Append(Box<Append>),
+    AppendBlob(Box<BlobAppend>),
     StartAttempt {
         id: DbId,
         version: i64,
@@ -277,6 +278,7 @@ async fn apply(
             Reply::Cancel(ops::cancel(c, now, me, &rest_id, reason.as_deref()).await?)
         }
         Op::Append(a) => Reply::Append(ops::append(c, now, me, refresh_secs, &a).await?),
+        Op::AppendBlob(a) => Reply::Append(ops::append_blob(c, now, &a).await?),
         Op::StartAttempt { id, version } => {
             Reply::Record(Box::new(ops::start_attempt(c, now, me, id, version).await?))
         }

@@ -153,6 +153,7 @@ suite!(
     create_with_attempt,
     set_body_reuses,
     restart_takes_back_leases,
+    memory_transaction,
 );
 
 // ---- helpers ------------------------------------------------------------------------------
@@ -1283,4 +1284,151 @@ async fn restart_takes_back_leases(db: &Db) {
     let other = db.open("http://replica-2").await;
     assert!(new.refresh_session().await.unwrap());
     assert!(other.refresh_session().await.unwrap());
+}
+
+fn blob_append(blob_id: Option<i64>, offset: u64, data: &[u8], total: Option<u64>) -> BlobAppend {
+    BlobAppend {
+        blob_id,
+        offset,
+        data: Bytes::copy_from_slice(data),
+        total,
+    }
+}
+
+/// A transaction kept in memory: no row, its body a stored blob of its own that stored
+/// transactions share by id; the state changes mirror the stored ones.
+async fn memory_transaction(db: &Db) {
+    let s = &db.open("http://a").await;
+    let mut new = new_tx(NewBody::None, true, false);
+    new.start_attempt = true;
+    let mut r = memory::create(s.session_id(), &new).unwrap();
+    assert!(r.in_memory());
+    assert_eq!(r.lease.map(|l| l.session), Some(s.session_id()));
+    assert_eq!((r.attempt_id, r.tx.attempt_count), (Some(1), Some(1)));
+    assert!(s.load(&r.rest_id).await.unwrap().is_none(), "no row");
+    // Only leased, started, bodiless creates qualify.
+    assert!(memory::create(s.session_id(), &new_tx(NewBody::None, false, false)).is_err());
+
+    // The first append creates the blob; the record's version moves when the body
+    // appears and when it is complete.
+    let hour = Duration::from_secs(3600);
+    let (b, v) = ok_blob(
+        s.append_blob(blob_append(None, 0, b"Subject: x\r\n", None))
+            .await
+            .unwrap(),
+    );
+    assert_eq!((v, b.length, b.total), (None, 12, None));
+    let v0 = r.version;
+    assert_eq!(memory::appended(&mut r, &b, hour), Some(v0 + 1));
+    assert!(matches!(
+        r.tx.body,
+        Some(Body::Message(BlobState {
+            length: 12,
+            total: None
+        }))
+    ));
+    assert!(!r.input_done);
+    // A gap, an unknown blob and a create past offset 0 are refused.
+    assert_eq!(
+        mismatch(
+            s.append_blob(blob_append(Some(b.blob_id), 20, b"x", None))
+                .await
+                .unwrap()
+        )
+        .length,
+        12
+    );
+    assert_eq!(
+        s.append_blob(blob_append(Some(b.blob_id + 1000), 0, b"x", None))
+            .await
+            .unwrap(),
+        AppendOutcome::UnknownBlob
+    );
+    assert_eq!(
+        s.append_blob(blob_append(None, 5, b"x", None))
+            .await
+            .unwrap(),
+        AppendOutcome::UnknownBlob
+    );
+    let (b2, _) = ok_blob(
+        s.append_blob(blob_append(Some(b.blob_id), 12, b"\r\nhi\r\n", Some(18)))
+            .await
+            .unwrap(),
+    );
+    assert!(b2.finalized());
+    assert_eq!(memory::appended(&mut r, &b2, hour), Some(v0 + 2));
+    assert!(r.input_done);
+
+    // Unreferenced but fresh: GC leaves it for the recipients to share.
+    assert_eq!(s.gc(hour).await.unwrap(), (0, 0));
+    let dst = s
+        .create(new_tx(NewBody::Blob(b.blob_id), false, false))
+        .await
+        .unwrap();
+    assert!(dst.input_done);
+    assert_eq!(
+        dst.blob(BODY_BLOB).unwrap().blob_id,
+        b.blob_id,
+        "shared, not copied"
+    );
+    assert_eq!(
+        &s.read_blob(b.blob_id, 0, 100).await.unwrap()[..],
+        b"Subject: x\r\n\r\nhi\r\n"
+    );
+    // An open blob cannot be shared; once idle past the TTL and unreferenced, GC takes it.
+    let (open, _) = ok_blob(
+        s.append_blob(blob_append(None, 0, b"x", None))
+            .await
+            .unwrap(),
+    );
+    assert!(matches!(
+        s.create(new_tx(NewBody::Blob(open.blob_id), false, false))
+            .await,
+        Err(StorageError::BadReuse(_))
+    ));
+    assert_eq!(s.gc(Duration::ZERO).await.unwrap(), (0, 1));
+    assert!(s.read_blob(b.blob_id, 0, 1).await.is_ok(), "still shared");
+
+    // Attempt writes are fenced on the lease, the first final reason wins, a cancel after
+    // the end changes nothing.
+    let l = lease(&r);
+    let stale = Lease {
+        generation: l.generation + 1,
+        ..l
+    };
+    assert!(matches!(
+        memory::write_attempt(&mut r, stale, &responses(250)),
+        Err(StorageError::Conflict)
+    ));
+    let v = r.version;
+    memory::write_attempt(&mut r, l, &responses(250)).unwrap();
+    assert_eq!(r.version, v + 1);
+    assert_eq!(r.tx.data_response.as_ref().map(|d| d.code), Some(250));
+    let finish = Finish {
+        responses: responses(250),
+        final_attempt_reason: Some("delivered".into()),
+        ..Default::default()
+    };
+    memory::finish_attempt(&mut r, l, &finish).unwrap();
+    assert!(r.is_final() && r.lease.is_none());
+    assert_eq!(r.tx.final_attempt_reason.as_deref(), Some("delivered"));
+    assert!(matches!(
+        memory::finish_attempt(&mut r, l, &finish),
+        Err(StorageError::Conflict)
+    ));
+    let v = r.version;
+    assert_eq!(
+        memory::cancel(&mut r),
+        CancelOutcome::AlreadyFinal { version: v }
+    );
+
+    // A cancel before the end: visible at once, with the reason stored ones get.
+    let mut c = memory::create(s.session_id(), &new).unwrap();
+    assert_ne!(c.id, r.id);
+    assert!(matches!(
+        memory::cancel(&mut c),
+        CancelOutcome::Cancelled { .. }
+    ));
+    assert!(c.tx.cancelled && c.is_final());
+    assert_eq!(c.tx.final_attempt_reason.as_deref(), Some(REASON_CANCELLED));
 }

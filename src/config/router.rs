@@ -309,6 +309,11 @@ pub struct StorageConfig {
     pub blob_tx_refresh_interval: Duration,
     /// Default 5 s.
     pub cache_ttl: Duration,
+    /// Store the SMTP-facing transaction of an exploder chain too (default false: it is
+    /// kept in the memory of the replica that took it; its recipients are stored). Needed
+    /// when one transaction's requests may reach different replicas (a load balancer
+    /// without affinity), or to read such transactions after a restart.
+    pub store_smtp_transactions: bool,
 }
 
 impl RouterConfig {
@@ -654,6 +659,7 @@ fn parse_storage(
         gc_ttl: o.duration_or("gc_ttl", 86400)?,
         blob_tx_refresh_interval: o.duration_or("blob_tx_refresh_interval", 10)?,
         cache_ttl: o.duration_or("cache_ttl", 5)?,
+        store_smtp_transactions: o.bool_or("store_smtp_transactions", false)?,
     };
     if cfg.session_refresh_interval.is_zero() {
         return Err(ConfigError::invalid(

@@ -55,6 +55,9 @@ pub struct Route {
 pub struct ChainTx {
     /// Public id of the stored transaction (for references to its blobs).
     pub rest_id: String,
+    /// Storage id of the raw body's blob, for sharing it by id (the only way for a
+    /// transaction kept in memory, which has no row to name it by).
+    pub body_blob: Option<i64>,
     /// Envelope and the responses so far (`tx.body` is the stored state; read `body`).
     pub tx: Transaction,
     /// The message as it leaves this point of the chain.

@@ -17,7 +17,8 @@ use koukan::rest::{
 use koukan::transaction::Body;
 use koukan::{Sender, rest_id};
 use koukan_db::{
-    Append, AppendOutcome, BlobInfo, NewBody, NewTransaction, Storage, StorageError, TxRecord,
+    Append, AppendOutcome, BlobAppend, BlobInfo, NewBody, NewTransaction, Storage, StorageError,
+    TxRecord, memory,
 };
 
 use super::error::RestError;
@@ -211,6 +212,15 @@ async fn create(
     // Cut-through: the attempt starts here when there is capacity; otherwise the
     // transaction waits, unleased, for the dequeuer.
     let leased = state.output.has_capacity();
+    // The SMTP-facing side of an exploder: nothing it answers needs it stored (the exploder
+    // stores each recipient before its RCPT is accepted, and its DATA answer comes from
+    // them), so it lives in this actor's memory; its body is still a stored blob.
+    let in_memory = state.settings.smtp_in_memory
+        && leased
+        && policy.incremental
+        && !tx.retry
+        && !tx.notification
+        && body == NewBody::None;
     let mut attempt = 0;
     let record = loop {
         let new = NewTransaction {
@@ -220,6 +230,16 @@ async fn create(
             leased,
             start_attempt: leased,
         };
+        if in_memory {
+            // Ids are random: one collision with a live transaction is as unlikely as in
+            // the table, and the registry would refuse it.
+            let record = memory::create(state.storage.session_id(), &new)?;
+            if state.registry.get(&record.rest_id).is_some() && attempt < 3 {
+                attempt += 1;
+                continue;
+            }
+            break record;
+        }
         match state.storage.create(new).await {
             Ok(record) => break record,
             // A random id collided: draw another.
@@ -277,7 +297,8 @@ async fn get(
         return Ok(read_response(StatusCode::OK, &state.settings, &record));
     }
     // Writes by another replica are not notified here: check the database once.
-    if let Some((version, _)) = state.storage.version(&id).await?
+    if !current.in_memory()
+        && let Some((version, _)) = state.storage.version(&id).await?
         && version.to_string() != etag
     {
         let record = addr.send(Reload).await.map_err(crashed)??;
@@ -420,28 +441,45 @@ async fn upload(
             plan.total
         };
         let len = data.len() as u64;
-        let outcome = state
-            .storage
-            .append(Append {
-                rest_id: id.clone(),
-                blob: name.clone(),
-                create_body: create_body && last.is_none(),
-                offset,
-                data,
-                total,
-            })
-            .await?;
+        let outcome = if record.in_memory() {
+            // The blob alone is stored; the actor folds the append into its record.
+            let blob_id = last.as_ref().or(record.blob(&name)).map(|b| b.blob_id);
+            state
+                .storage
+                .append_blob(BlobAppend {
+                    blob_id,
+                    offset,
+                    data,
+                    total,
+                })
+                .await?
+        } else {
+            state
+                .storage
+                .append(Append {
+                    rest_id: id.clone(),
+                    blob: name.clone(),
+                    create_body: create_body && last.is_none(),
+                    offset,
+                    data,
+                    total,
+                })
+                .await?
+        };
         match outcome {
             AppendOutcome::Ok { blob, version } => {
-                if version.is_some() {
-                    version_written = version;
-                    addr.send(Appended {
-                        blob: blob.clone(),
-                        version,
-                        created: create_body,
-                    })
-                    .await
-                    .map_err(crashed)?;
+                if version.is_some() || record.in_memory() {
+                    let moved = addr
+                        .send(Appended {
+                            blob: blob.clone(),
+                            version,
+                            created: create_body,
+                        })
+                        .await
+                        .map_err(crashed)?;
+                    if moved.is_some() {
+                        version_written = moved;
+                    }
                 }
                 last = Some(blob);
                 offset += len;

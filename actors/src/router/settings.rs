@@ -83,6 +83,9 @@ pub struct Settings {
     pub http_workers: usize,
     /// Largest create/PATCH JSON accepted.
     pub json_limit: usize,
+    /// SMTP-facing transactions of exploder chains are kept in memory, not stored
+    /// (`storage.store_smtp_transactions: false`).
+    pub smtp_in_memory: bool,
 }
 
 impl Settings {
@@ -148,6 +151,7 @@ impl Settings {
             actor_idle: cfg.storage.cache_ttl.max(Duration::from_secs(1)),
             http_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             json_limit: 64 << 20,
+            smtp_in_memory: !cfg.storage.store_smtp_transactions,
             config: cfg,
         })
     }

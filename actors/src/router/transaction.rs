@@ -10,7 +10,7 @@ use koukan::Transaction;
 use koukan::rest::BODY_BLOB;
 use koukan::transaction::Update;
 use koukan::transaction::{BlobState, Body};
-use koukan_db::{BlobInfo, CancelOutcome, Finish, Lease, Storage, StorageError, TxRecord};
+use koukan_db::{BlobInfo, CancelOutcome, Finish, Lease, Storage, StorageError, TxRecord, memory};
 use tokio::sync::watch;
 
 use super::error::RestError;
@@ -96,7 +96,12 @@ impl TransactionActor {
     fn reload(&self) -> impl Future<Output = Result<TxRecord, RestError>> + 'static {
         let storage = self.storage.clone();
         let rest_id = self.record.rest_id.clone();
+        // Nobody else can have written an in-memory transaction: the copy is the truth.
+        let current = self.record.in_memory().then(|| (*self.record).clone());
         async move {
+            if let Some(record) = current {
+                return Ok(record);
+            }
             storage
                 .load(&rest_id)
                 .await?
@@ -145,7 +150,9 @@ impl Handler<Open> for TransactionActor {
 
     fn handle(&mut self, _: Open, _: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
-        let fresh = self.leased_here() || self.loaded.elapsed() < UNLEASED_FRESHNESS;
+        let fresh = self.leased_here()
+            || self.record.in_memory()
+            || self.loaded.elapsed() < UNLEASED_FRESHNESS;
         if fresh {
             let opened = match self.elsewhere(&self.record) {
                 Some(uri) => Opened::Elsewhere(uri),
@@ -204,7 +211,9 @@ impl Handler<Patch> for TransactionActor {
                     .map_err(|e| RestError::BadRequest(e.to_string()))?,
                 None => false,
             };
-            let version = if changed {
+            let version = if record.in_memory() {
+                Ok(record.version + 1)
+            } else if changed {
                 storage
                     .write_envelope(record.id, record.version, &envelope)
                     .await
@@ -236,9 +245,11 @@ impl Handler<Patch> for TransactionActor {
     }
 }
 
-/// A blob append landed in storage (sent by the upload handler after each batch).
+/// A blob append landed in storage (sent by the upload handler after a batch that moved
+/// the version, and after every batch of an in-memory transaction). Answers the version
+/// the append produced, if it moved.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Option<i64>")]
 pub struct Appended {
     pub blob: BlobInfo,
     /// The transaction's new version, if the append bumped it.
@@ -248,15 +259,25 @@ pub struct Appended {
 }
 
 impl Handler<Appended> for TransactionActor {
-    type Result = AtomicResponse<Self, ()>;
+    type Result = AtomicResponse<Self, Option<i64>>;
 
     fn handle(&mut self, msg: Appended, _: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
+        if self.record.in_memory() {
+            let mut record = (*self.record).clone();
+            let version = memory::appended(
+                &mut record,
+                &msg.blob,
+                self.settings.blob_tx_refresh_interval,
+            );
+            self.publish(record);
+            return AtomicResponse::new(Box::pin(fut::ready(version)));
+        }
         let Some(version) = msg.version else {
-            return AtomicResponse::new(Box::pin(fut::ready(())));
+            return AtomicResponse::new(Box::pin(fut::ready(None)));
         };
         if version <= self.record.version {
-            return AtomicResponse::new(Box::pin(fut::ready(())));
+            return AtomicResponse::new(Box::pin(fut::ready(Some(version))));
         }
         // The append is the only write since our copy: apply it here instead of re-reading
         // the row (a body created by this append, or a gap, needs the durable row).
@@ -265,13 +286,18 @@ impl Handler<Appended> for TransactionActor {
             if apply_blob(&mut record, &msg.blob) {
                 record.version = version;
                 self.publish(record);
-                return AtomicResponse::new(Box::pin(fut::ready(())));
+                return AtomicResponse::new(Box::pin(fut::ready(Some(version))));
             }
         }
         AtomicResponse::new(Box::pin(self.reload().into_actor(self).map(
-            |res, act, _| match res {
-                Ok(record) => act.publish(record),
-                Err(e) => tracing::warn!(rest_id = %act.record.rest_id, "reload after append: {e}"),
+            move |res, act, _| {
+                match res {
+                    Ok(record) => act.publish(record),
+                    Err(e) => {
+                        tracing::warn!(rest_id = %act.record.rest_id, "reload after append: {e}")
+                    }
+                }
+                Some(version)
             },
         )))
     }
@@ -311,6 +337,12 @@ impl Handler<Cancel> for TransactionActor {
 
     fn handle(&mut self, _: Cancel, _: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
+        if self.record.in_memory() {
+            let mut record = (*self.record).clone();
+            memory::cancel(&mut record);
+            self.publish(record);
+            return AtomicResponse::new(Box::pin(fut::ready(Ok(self.record.clone()))));
+        }
         let storage = self.storage.clone();
         let rest_id = self.record.rest_id.clone();
         let reload = self.reload();
@@ -379,7 +411,31 @@ const WRITE_TRIES: u32 = 5;
 impl Handler<AttemptWrite> for TransactionActor {
     type Result = AtomicResponse<Self, Result<Arc<TxRecord>, StorageError>>;
 
-    fn handle(&mut self, msg: AttemptWrite, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, mut msg: AttemptWrite, _: &mut Self::Context) -> Self::Result {
+        if self.record.in_memory() {
+            self.last_activity = Instant::now();
+            // A DSN is a stored transaction of its own, whatever this one is.
+            let dsn = msg.finish.as_mut().and_then(|f| f.dsn.take());
+            let storage = self.storage.clone();
+            let store_dsn = async move {
+                match dsn {
+                    Some(dsn) => storage.create(dsn).await.map(drop),
+                    None => Ok(()),
+                }
+            };
+            return AtomicResponse::new(Box::pin(store_dsn.into_actor(self).map(
+                move |res, act, _| {
+                    res?;
+                    let mut record = (*act.record).clone();
+                    match &msg.finish {
+                        None => memory::write_attempt(&mut record, msg.lease, &msg.responses)?,
+                        Some(f) => memory::finish_attempt(&mut record, msg.lease, f)?,
+                    }
+                    act.publish(record);
+                    Ok(act.record.clone())
+                },
+            )));
+        }
         let lease = msg.lease;
         let msg = Arc::new(msg);
         // Fenced: once the lease moved (recovery), this attempt is void.
@@ -488,6 +544,11 @@ impl TransactionActor {
         Fut: Future<Output = Result<Option<TxRecord>, StorageError>> + 'static,
     {
         self.last_activity = Instant::now();
+        if self.record.in_memory() {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(StorageError::Invalid(
+                "not possible on a transaction kept in memory".into(),
+            )))));
+        }
         let storage = self.storage.clone();
         let record = self.record.clone();
         let work = async move {
@@ -523,6 +584,13 @@ impl Handler<Ping> for TransactionActor {
     type Result = AtomicResponse<Self, Result<Arc<TxRecord>, StorageError>>;
 
     fn handle(&mut self, _: Ping, _: &mut Self::Context) -> Self::Result {
+        if self.record.in_memory() {
+            self.last_activity = Instant::now();
+            let mut record = (*self.record).clone();
+            memory::ping(&mut record);
+            self.publish(record);
+            return AtomicResponse::new(Box::pin(fut::ready(Ok(self.record.clone()))));
+        }
         // Only the version moves: no need to read the row back.
         self.versioned_write(
             |_| true,

@@ -124,17 +124,20 @@ impl AddRoute {
             .config
             .resolve_sender(&self.sender.name, self.sender.tag.as_deref())
             .map_err(|e| e.to_string())?;
-        let body = match (&tx.tx.body, &tx.body) {
+        let body = match (&tx.tx.body, &tx.body, tx.body_blob) {
             // The stored raw body is shared, not copied.
-            (Some(Body::Message(_)), _) if !tx.rest_id.is_empty() => NewBody::Reuse(BlobUri {
-                tx: tx.rest_id.clone(),
-                blob: BODY_BLOB.into(),
-            }),
-            (_, Some(MessageBody::Builder { .. })) => {
+            (Some(Body::Message(_)), _, Some(id)) => NewBody::Blob(id),
+            (Some(Body::Message(_)), _, None) if !tx.rest_id.is_empty() => {
+                NewBody::Reuse(BlobUri {
+                    tx: tx.rest_id.clone(),
+                    blob: BODY_BLOB.into(),
+                })
+            }
+            (_, Some(MessageBody::Builder { .. }), _) => {
                 return Err("a message-builder body cannot be forked (render it first)".into());
             }
-            (_, Some(body)) => NewBody::Inline(read_all(body).await?),
-            (_, None) => return Ok(()),
+            (_, Some(body), _) => NewBody::Inline(read_all(body).await?),
+            (_, None, _) => return Ok(()),
         };
         let new = NewTransaction {
             rest_id: koukan::rest_id::new_rest_id(self.output.settings.rest_id_entropy),

@@ -9,6 +9,7 @@ use std::time::Instant;
 use actix::prelude::*;
 use koukan::backoff::Retry;
 use koukan::filter::{ChainTx, MessageBody};
+use koukan::rest::BODY_BLOB;
 use koukan::{Response, Transaction};
 use koukan_db::{Finish, Lease, TxRecord};
 use tokio::sync::watch;
@@ -271,6 +272,7 @@ impl Attempt {
             }
             let mut view = ChainTx {
                 rest_id: record.rest_id.clone(),
+                body_blob: record.blob(BODY_BLOB).map(|b| b.blob_id),
                 tx: envelope_with(&record.tx, &written),
                 body,
                 heartbeat: !changed,

@@ -32,6 +32,18 @@ fn upstream_timeout() -> Response {
     Response::new(450, "upstream timeout (AsyncFilterWrapper)")
 }
 
+/// The downstream body, shared with a recipient's transaction (by blob id when known: a
+/// transaction kept in memory has no row to name it by).
+fn shared_body(tx: &ChainTx) -> NewBody {
+    match tx.body_blob {
+        Some(id) => NewBody::Blob(id),
+        None => NewBody::Reuse(BlobUri {
+            tx: tx.rest_id.clone(),
+            blob: BODY_BLOB.into(),
+        }),
+    }
+}
+
 struct Recipient {
     /// `None`: no transaction could be made for it (busy); it is settled.
     actor: Option<Addr<TransactionActor>>,
@@ -90,13 +102,10 @@ impl Exploder {
             return r;
         }
         let body = match tx.body_finalized() {
-            true => NewBody::Reuse(BlobUri {
-                tx: tx.rest_id.clone(),
-                blob: BODY_BLOB.into(),
-            }),
+            true => shared_body(tx),
             false => NewBody::None,
         };
-        r.has_body = matches!(body, NewBody::Reuse(_));
+        r.has_body = !matches!(body, NewBody::None);
         let new = NewTransaction {
             rest_id: koukan::rest_id::new_rest_id(self.output.settings.rest_id_entropy),
             tx: Transaction {
@@ -210,17 +219,14 @@ impl Exploder {
     /// Passes the finished body to every accepted recipient and decides the DATA answer.
     async fn pass_body(&mut self, tx: &mut ChainTx) {
         self.body_passed = true;
-        let uri = BlobUri {
-            tx: tx.rest_id.clone(),
-            blob: BODY_BLOB.into(),
-        };
+        let body = shared_body(tx);
         for r in self
             .rcpts
             .iter_mut()
             .filter(|r| r.accepted() && !r.has_body)
         {
             if let Some(a) = &r.actor {
-                match a.send(AttachBody(NewBody::Reuse(uri.clone()))).await {
+                match a.send(AttachBody(body.clone())).await {
                     Ok(Ok(_)) => r.has_body = true,
                     other => {
                         tracing::warn!(rest_id = %tx.rest_id, "exploder: passing the body: {other:?}");
