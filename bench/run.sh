@@ -5,6 +5,7 @@
 #
 #   bench/run.sh [--quick] [--backend sqlite|postgres|both] [--no-postfix] [--no-build]
 #                [--duration S] [--warmup S] [--big] [--idle] [--only-extra] [--out DIR]
+#                [--cells "smtp 50 2k 1,rest 10 2k 1"]   (only these matrix cells)
 #
 # Ports (chosen not to collide with config/run-local.sh): sink 13025, router REST 18000,
 # gateway REST 18001, gateway MX 11025, Postfix 12025. Results: DIR/results.jsonl (one JSON
@@ -24,6 +25,7 @@ big=0
 idle=0
 matrix=1
 out=""
+cells=""
 pg_url_base="${KOUKAN_BENCH_PG:-postgresql://postgres@127.0.0.1:5432}"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -37,7 +39,8 @@ while [[ $# -gt 0 ]]; do
         --idle) idle=1 ;;
         --only-extra) matrix=0 ;;
         --out) shift; out="$1" ;;
-        -h|--help) sed -n 2,12p "$0"; exit 0 ;;
+        --cells) shift; cells="$1" ;;
+        -h|--help) sed -n 2,13p "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -294,7 +297,9 @@ run_cell() {
 
 matrix_cells() {
     # echo "ingress conc size rcpts" lines
-    if [[ $quick == 1 ]]; then
+    if [[ -n $cells ]]; then
+        tr ',' '\n' <<< "$cells"
+    elif [[ $quick == 1 ]]; then
         echo "smtp 1 2k 1"; echo "smtp 10 2k 1"; echo "smtp 50 2k 1"; echo "smtp 50 100k 1"
         echo "smtp 10 2k 3"
         echo "rest 10 2k 1"; echo "rest 50 2k 1"; echo "rest-accept 50 2k 1"
