@@ -161,6 +161,29 @@ pub enum UpdateError {
 }
 
 impl Transaction {
+    /// Nothing given so far still waits for an answer: MAIL (if sent) and every RCPT are
+    /// answered (a failed MAIL answers for the recipients) and, once the body is complete
+    /// and some recipient was accepted, DATA too; or the transaction has ended. What a
+    /// `Prefer: wait` request waits for.
+    pub fn settled(&self, body_complete: bool) -> bool {
+        if self.final_attempt_reason.is_some() || self.cancelled {
+            return true;
+        }
+        if self.mail_from.is_some() {
+            match &self.mail_response {
+                None => return false,
+                Some(m) if m.err() => return true,
+                Some(_) => {}
+            }
+        }
+        let n = self.rcpt_to.len();
+        if self.rcpt_response.len() < n || self.rcpt_response[..n].iter().any(Option::is_none) {
+            return false;
+        }
+        let accepted = self.rcpt_response.iter().flatten().any(Response::ok);
+        !body_complete || !accepted || self.data_response.is_some()
+    }
+
     /// Applies an incremental update. Returns whether anything changed.
     pub fn apply(&mut self, update: &Update) -> Result<bool, UpdateError> {
         if let (Some(old), Some(new)) = (&self.mail_from, &update.mail_from)
@@ -280,6 +303,44 @@ struct AttemptResponses {
 mod tests {
     use super::*;
     use crate::EsmtpParam;
+
+    #[test]
+    fn settled_when_nothing_waits_for_an_answer() {
+        let ok = || Some(Response::new(250, "ok"));
+        let mut t = Transaction {
+            mail_from: Some(Mailbox::new("a@example.com")),
+            rcpt_to: vec![Mailbox::new("b@example.com"), Mailbox::new("c@example.com")],
+            ..Default::default()
+        };
+        assert!(!t.settled(false));
+        t.mail_response = ok();
+        t.rcpt_response = vec![ok(), None];
+        assert!(!t.settled(false), "a recipient is unanswered");
+        t.rcpt_response = vec![ok(), Some(Response::new(550, "no"))];
+        assert!(t.settled(false));
+        assert!(!t.settled(true), "the body waits for DATA");
+        t.data_response = ok();
+        assert!(t.settled(true));
+        // A failed MAIL answers for everything; so do refused recipients for DATA.
+        let mut m = Transaction {
+            mail_from: Some(Mailbox::new("a@example.com")),
+            rcpt_to: vec![Mailbox::new("b@example.com")],
+            mail_response: Some(Response::new(550, "no")),
+            ..Default::default()
+        };
+        assert!(m.settled(true));
+        m.mail_response = ok();
+        m.rcpt_response = vec![Some(Response::new(450, "later"))];
+        assert!(m.settled(true));
+        // An ended transaction is settled whatever is missing.
+        let mut e = Transaction {
+            rcpt_to: vec![Mailbox::new("b@example.com")],
+            ..Default::default()
+        };
+        assert!(!e.settled(false));
+        e.final_attempt_reason = Some("cancelled".into());
+        assert!(e.settled(true));
+    }
 
     fn tx() -> Transaction {
         Transaction {

@@ -72,6 +72,21 @@ pub struct Upload {
     pub finalize_only: bool,
 }
 
+/// `Prefer: wait=N` (RFC 7240) on a create or a body PUT: the client would rather get the
+/// answer once the transaction has settled (see `Transaction::settled`), within N seconds
+/// (capped like a hanging GET), than poll for it. Servers that ignore it stay correct: the
+/// client polls as before. An unusable value is ignored, as RFC 7240 asks.
+pub fn prefer_wait(req: &HttpRequest) -> Option<Duration> {
+    header(req, "prefer")?
+        .split([',', ';'])
+        .find_map(|p| p.trim().strip_prefix("wait="))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s).min(MAX_POLL))
+}
+
+/// Marks an answer given after a `Prefer: wait`: its body is the transaction's JSON.
+pub const PREFERENCE_APPLIED: (&str, &str) = ("preference-applied", "wait");
+
 /// Reads `content-length`, `content-range` and `x-finalize-blob-length` (`rest-api.md` §3.4).
 pub fn upload(req: &HttpRequest) -> Result<Upload, HeaderError> {
     let content_length = match header(req, "content-length") {
@@ -122,6 +137,27 @@ pub fn upload(req: &HttpRequest) -> Result<Upload, HeaderError> {
 mod tests {
     use super::*;
     use actix_web::test::TestRequest;
+
+    #[test]
+    fn prefer_wait_parsing() {
+        let wait = |v: &str| {
+            prefer_wait(
+                &TestRequest::default()
+                    .insert_header(("prefer", v))
+                    .to_http_request(),
+            )
+        };
+        assert_eq!(wait("wait=5"), Some(Duration::from_secs(5)));
+        assert_eq!(wait("respond-async, wait=7"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            wait("handling=lenient; wait=2"),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(wait("wait=3600"), Some(MAX_POLL), "capped");
+        assert_eq!(wait("wait=soon"), None);
+        assert_eq!(wait("return=minimal"), None);
+        assert_eq!(prefer_wait(&TestRequest::default().to_http_request()), None);
+    }
 
     #[test]
     fn upload_headers() {

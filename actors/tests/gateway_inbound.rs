@@ -1364,6 +1364,8 @@ fn settings() -> ClientSettings {
         chunk_size: 8,
         refresh_interval: None,
         verify: TlsVerify::Disabled,
+        // These tests script every request the client makes: no `Prefer: wait`.
+        prefer_wait: false,
     }
 }
 

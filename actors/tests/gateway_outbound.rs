@@ -336,6 +336,58 @@ async fn one_recipient() {
     assert!(after.json().get("cancelled").is_none());
 }
 
+/// `Prefer: wait` (RFC 7240): the create answers with the MAIL and RCPT replies and the
+/// finalizing PUT with the DATA reply, each marked `preference-applied`; no long poll.
+#[actix_rt::test]
+async fn prefer_wait_answers_when_settled() {
+    let sink = start_sink(|_| {}).await;
+    let gw = start_gateway().await;
+    let req = gw
+        .client
+        .post(gw.url("/senders/router/transactions"))
+        .insert_header(("content-type", "application/json"))
+        .insert_header(("prefer", "wait=10"));
+    let env = envelope(
+        sink.addr,
+        "outbound",
+        &["bob@example.com", "nobody@example.com"],
+    );
+    let r = gw.send(req, Some(env.to_string().into_bytes())).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    assert_eq!(r.header("preference-applied").as_deref(), Some("wait"));
+    let j = r.json();
+    assert_eq!(code(&j["mail_response"]), 250, "{j}");
+    assert_eq!(code(&j["rcpt_response"][0]), 250, "{j}");
+    assert_eq!(code(&j["rcpt_response"][1]), 250, "{j}");
+    let url = r.header("location").unwrap();
+    // The version of the state shown, for the requests that follow.
+    let shown = r.etag();
+    let now = gw.get(&url, &[]).await;
+    assert_eq!(now.etag(), shown);
+
+    let put = gw
+        .put(&format!("{url}/body"), &[("prefer", "wait=10")], MESSAGE)
+        .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.text());
+    assert_eq!(put.header("preference-applied").as_deref(), Some("wait"));
+    assert_eq!(
+        put.header("content-range").unwrap(),
+        format!("bytes 0-{}/{}", MESSAGE.len() - 1, MESSAGE.len())
+    );
+    let j = put.json();
+    assert_eq!(code(&j["data_response"]), 250, "{j}");
+    let now: u64 = gw.get(&url, &[]).await.etag().parse().unwrap();
+    assert!(now >= put.etag().parse::<u64>().unwrap());
+    assert_eq!(sink.messages().len(), 1);
+
+    // Without the preference the create answers at once, before any reply.
+    let mut tx = gw
+        .create(envelope(sink.addr, "outbound", &["bob@example.com"]))
+        .await;
+    assert!(tx.json.get("mail_response").is_none(), "{}", tx.json);
+    gw.wait_envelope(&mut tx, 1).await;
+}
+
 #[actix_rt::test]
 async fn connection_reused_for_the_next_message_then_closed_when_idle() {
     let sink = start_sink(|_| {}).await;

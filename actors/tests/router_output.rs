@@ -812,6 +812,87 @@ async fn smtp_facing_transactions_are_kept_in_memory_unless_configured() {
     }
 }
 
+/// `Prefer: wait` (RFC 7240) on the router: a create answers once every part it carried
+/// has its response, the finalizing PUT once DATA has one; both marked
+/// `preference-applied`, with the etag of the state they show.
+#[actix_rt::test]
+async fn prefer_wait_answers_when_settled() {
+    let env = start(Opts::default()).await;
+    let post = |sender: &str, json: Value| {
+        env.client
+            .post(format!("{}/senders/{sender}/transactions", env.base))
+            .insert_header(("content-type", "application/json"))
+            .insert_header(("prefer", "wait=10"))
+            .send_body(json.to_string())
+    };
+    // A REST submission with its body: answered delivered.
+    let mut r = post(
+        "submission",
+        json!({"mail_from": {"m": "alice@example.com"}, "rcpt_to": [{"m": "ok@example.net"}],
+               "body": {"inline": MESSAGE}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.headers().get("preference-applied").unwrap(), "wait");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(code(&v["data_response"]), 250, "{v}");
+
+    // The SMTP dialect: MAIL and RCPT answered by the create, DATA by the PUT.
+    let mut r = post(
+        "ingress",
+        json!({"mail_from": {"m": "alice@example.com"}, "rcpt_to": [{"m": "ok@example.net"}]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.headers().get("preference-applied").unwrap(), "wait");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(code(&v["mail_response"]), 250, "{v}");
+    assert_eq!(code(&v["rcpt_response"][0]), 250, "{v}");
+    let url = format!(
+        "{}{}",
+        env.base,
+        r.headers()
+            .get("location")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_start_matches(&env.base)
+    );
+    let mut put = env
+        .client
+        .put(format!("{url}/body"))
+        .insert_header(("prefer", "wait=10"))
+        .send_body(MESSAGE)
+        .await
+        .unwrap();
+    assert_eq!(put.status(), StatusCode::OK);
+    assert_eq!(put.headers().get("preference-applied").unwrap(), "wait");
+    assert!(put.headers().get("content-range").is_some());
+    let etag = put
+        .headers()
+        .get("etag")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let v: Value = put.json().await.unwrap();
+    assert_eq!(code(&v["data_response"]), 250, "{v}");
+    // The state shown is current (or something later moved it on).
+    let now = env.client.get(&url).send().await.unwrap();
+    let now: i64 = now
+        .headers()
+        .get("etag")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(now >= etag.parse::<i64>().unwrap(), "{now} < {etag}");
+    assert_eq!(env.rx.to("ok@").len(), 2);
+}
+
 #[actix_rt::test]
 async fn exploder_multi_recipient() {
     let env = start(Opts::default()).await;

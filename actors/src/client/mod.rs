@@ -35,6 +35,10 @@ pub struct ClientSettings {
     pub refresh_interval: Option<Duration>,
     /// TLS verification for `https://` URLs.
     pub verify: TlsVerify,
+    /// Ask the server to answer the create and the finalizing body PUT once the
+    /// transaction has settled (RFC 7240 `Prefer: wait`), which saves the long poll after
+    /// each. A server that ignores it is polled as before.
+    pub prefer_wait: bool,
 }
 
 impl Default for ClientSettings {
@@ -45,6 +49,7 @@ impl Default for ClientSettings {
             chunk_size: 1 << 20,
             refresh_interval: Some(Duration::from_secs(30)),
             verify: TlsVerify::System,
+            prefer_wait: true,
         }
     }
 }
@@ -57,6 +62,7 @@ impl From<&GatewayRestOutput> for ClientSettings {
             chunk_size: r.chunk_size.max(1),
             refresh_interval: Some(r.refresh_interval).filter(|d| !d.is_zero()),
             verify: r.verify.clone(),
+            prefer_wait: true,
         }
     }
 }

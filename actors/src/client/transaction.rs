@@ -107,6 +107,11 @@ fn request_timeout(remaining: Duration) -> u64 {
     remaining.as_secs().saturating_sub(1)
 }
 
+/// `Prefer: wait` for a request answered within `remaining`.
+fn prefer(remaining: Duration) -> (&'static str, String) {
+    ("prefer", format!("wait={}", request_timeout(remaining)))
+}
+
 /// Joins a possibly relative `location` with the URL it answered.
 fn resolve(base: &str, location: &str) -> String {
     if location.contains("://") {
@@ -223,7 +228,7 @@ impl RestTransaction {
             json = serde_json::to_vec(&m).expect("create serializes");
         }
         let json = Bytes::from(json);
-        let req = http
+        let mut req = http
             .awc
             .post(url)
             .insert_header((header::CONTENT_TYPE, "application/json"))
@@ -231,6 +236,9 @@ impl RestTransaction {
                 "request-timeout",
                 request_timeout(settings.timeout).to_string(),
             ));
+        if settings.prefer_wait {
+            req = req.insert_header(prefer(settings.timeout));
+        }
         let a = send(req, Some(json), settings.timeout)
             .await
             .map_err(|e| err("http exception", e.detail))?;
@@ -690,14 +698,19 @@ impl RestTransaction {
             &mut self.body_length,
             data,
             last,
+            self.settings.prefer_wait,
         )
         .await?;
-        if let Some(etag) = finalized {
+        if let Some(f) = finalized {
             self.body_finalized = true;
             // Finalizing bumps the version on every server. A server that says which
             // version saves the next wait a round trip: it starts from there.
-            if !etag.is_empty() {
-                self.etag = etag;
+            if let Some(read) = f.settled {
+                self.merge(read, false)
+                    .map_err(|detail| ClientError::Get { detail })?;
+            }
+            if !f.etag.is_empty() {
+                self.etag = f.etag;
             }
             self.last_bump = Instant::now();
         }
@@ -725,6 +738,7 @@ impl RestTransaction {
                 &mut cursor,
                 data.slice(start..end),
                 last,
+                false,
             )
             .await?;
             if last {
@@ -767,10 +781,19 @@ impl RestTransaction {
     }
 }
 
+/// The answer that finalized a blob.
+struct Finalized {
+    /// Its etag; empty when it had none.
+    etag: String,
+    /// The transaction's state, when the server waited for it to settle.
+    settled: Option<ReadTx>,
+}
+
 /// PUTs `data` at `*cursor` of the blob at `url`; `last` finalizes it at the end of
 /// `data`. Resynchronizes on a short answer or a 416 by resending from what the server
-/// holds; `*cursor` follows what the server confirmed. Returns the etag of the answer that
-/// reported the blob finalized (`Some("")` when that answer had none), `None` if not final.
+/// holds; `*cursor` follows what the server confirmed. Returns what the answer that
+/// reported the blob finalized said, `None` if not final. With `prefer_wait` the
+/// finalizing request asks to be answered once the transaction has settled.
 async fn put_range(
     http: &HttpClient,
     timeout: Duration,
@@ -778,7 +801,8 @@ async fn put_range(
     cursor: &mut u64,
     data: Bytes,
     last: bool,
-) -> Result<Option<String>, ClientError> {
+    prefer_wait: bool,
+) -> Result<Option<Finalized>, ClientError> {
     let base = *cursor;
     let end = base + data.len() as u64;
     let total = last.then_some(end);
@@ -794,6 +818,9 @@ async fn put_range(
                 header::CONTENT_RANGE,
                 ContentRange::for_chunk(offset, piece.len() as u64, total),
             ));
+        }
+        if last && prefer_wait {
+            req = req.insert_header(prefer(timeout));
         }
         let sent_to = offset + piece.len() as u64;
         let a = send(req, Some(piece), timeout)
@@ -846,7 +873,17 @@ async fn put_range(
                 return Ok(None);
             }
             if held.finalized() {
-                return Ok(Some(a.etag().unwrap_or_default()));
+                let settled = match header_str(&a.headers, "preference-applied") {
+                    Some(p) if p.trim().eq_ignore_ascii_case("wait") => Some(
+                        a.read_json()
+                            .map_err(|detail| ClientError::Get { detail })?,
+                    ),
+                    _ => None,
+                };
+                return Ok(Some(Finalized {
+                    etag: a.etag().unwrap_or_default(),
+                    settled,
+                }));
             }
             // Everything is there but not finalized (a 416 on a resend): say so.
             stalls += 1;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use actix::Addr;
 use actix_web::http::StatusCode;
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -175,9 +176,21 @@ fn crashed(e: actix::MailboxError) -> RestError {
     RestError::Internal(format!("transaction actor unavailable: {e}"))
 }
 
+/// Answers a `Prefer: wait` request once `rx` shows the transaction settled (or `wait`
+/// passed): the newest record.
+async fn settled(
+    mut rx: tokio::sync::watch::Receiver<Arc<TxRecord>>,
+    wait: Duration,
+) -> Arc<TxRecord> {
+    let done = |r: &Arc<TxRecord>| r.tx.settled(r.input_done);
+    let _ = tokio::time::timeout(wait, rx.wait_for(done)).await;
+    rx.borrow().clone()
+}
+
 async fn create(
     state: Data,
     path: web::Path<String>,
+    http_req: HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, RestError> {
     let sender = path.into_inner();
@@ -254,9 +267,20 @@ async fn create(
         "{}/transactions/{}",
         state.settings.session_uri, record.rest_id
     );
+    let wait = rest_server::prefer_wait(&http_req);
     let mut resp = read_response(StatusCode::CREATED, &state.settings, &record);
     if leased {
-        state.output.deliver(record);
+        let addr = state.output.deliver(record);
+        if let Some(wait) = wait
+            && let Ok(Ok(Opened::Ready(rx))) = addr.send(Open).await
+        {
+            let record = settled(rx, wait).await;
+            resp = read_response(StatusCode::CREATED, &state.settings, &record);
+            resp.headers_mut().insert(
+                HeaderName::from_static(rest_server::PREFERENCE_APPLIED.0),
+                HeaderValue::from_static(rest_server::PREFERENCE_APPLIED.1),
+            );
+        }
     }
     resp.headers_mut().insert(
         actix_web::http::header::LOCATION,
@@ -497,6 +521,23 @@ async fn upload(
         }
     }
     let blob = last.ok_or_else(|| RestError::Internal("upload wrote nothing".into()))?;
+    if let Some(wait) = rest_server::prefer_wait(&req)
+        && blob.finalized()
+    {
+        let record = settled(rx, wait).await;
+        let mut resp = read_response(StatusCode::OK, &state.settings, &record);
+        let h = resp.headers_mut();
+        h.insert(
+            HeaderName::from_static("content-range"),
+            HeaderValue::from_str(&held(&blob).header())
+                .map_err(|_| RestError::Internal("bad content-range".into()))?,
+        );
+        h.insert(
+            HeaderName::from_static(rest_server::PREFERENCE_APPLIED.0),
+            HeaderValue::from_static(rest_server::PREFERENCE_APPLIED.1),
+        );
+        return Ok(resp);
+    }
     let mut resp = HttpResponse::Ok();
     if let Some(v) = version_written {
         resp.insert_header(("etag", v.to_string()));

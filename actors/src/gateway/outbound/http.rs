@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use actix::Addr;
 use actix_web::http::StatusCode;
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::BytesMut;
 use futures_util::StreamExt;
@@ -63,6 +64,20 @@ fn read_response(status: StatusCode, state: &State, tx: &TxState) -> HttpRespons
         .body(tx.render(&state.registry.shared().session_uri))
 }
 
+/// The state once settled (or `wait` passed), for a `Prefer: wait` request.
+async fn settled(mut rx: watch::Receiver<Arc<TxState>>, wait: Duration) -> Arc<TxState> {
+    let done = |s: &Arc<TxState>| s.tx.settled(s.body.finalized());
+    let _ = tokio::time::timeout(wait, rx.wait_for(done)).await;
+    rx.borrow().clone()
+}
+
+fn preference_applied(resp: &mut HttpResponse) {
+    resp.headers_mut().insert(
+        HeaderName::from_static(rest_server::PREFERENCE_APPLIED.0),
+        HeaderValue::from_static(rest_server::PREFERENCE_APPLIED.1),
+    );
+}
+
 fn lookup(
     state: &State,
     id: &str,
@@ -77,8 +92,10 @@ fn crashed(e: actix::MailboxError) -> RestError {
 async fn create(
     state: Data,
     path: web::Path<String>,
+    req: HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse, RestError> {
+    let wait = rest_server::prefer_wait(&req);
     let req = CreateRequest::parse(&body).map_err(|e| RestError::BadRequest(e.to_string()))?;
     let tag = req
         .tag
@@ -101,13 +118,23 @@ async fn create(
     };
     let mut tx = req.tx;
     tx.sender = Some(Sender::new(path.into_inner(), Some(tag)));
-    let snapshot = state.registry.create(tx, host, inline);
+    let mut snapshot = state.registry.create(tx, host, inline);
     let location = format!(
         "{}/transactions/{}",
         state.registry.shared().session_uri,
         snapshot.id
     );
+    let waited = match (wait, state.registry.lookup(&snapshot.id)) {
+        (Some(wait), Some((_, rx))) => {
+            snapshot = settled(rx, wait).await;
+            true
+        }
+        _ => false,
+    };
     let mut resp = read_response(StatusCode::CREATED, &state, &snapshot);
+    if waited {
+        preference_applied(&mut resp);
+    }
     resp.headers_mut().insert(
         actix_web::http::header::LOCATION,
         location
@@ -305,6 +332,20 @@ async fn put_body(
         }
     }
     let s = guard.finish().await?;
+    if let Some(wait) = rest_server::prefer_wait(&req)
+        && s.body.finalized()
+        && let Some((_, rx)) = state.registry.lookup(&id)
+    {
+        let s = settled(rx, wait).await;
+        let mut resp = read_response(StatusCode::OK, &state, &s);
+        resp.headers_mut().insert(
+            HeaderName::from_static("content-range"),
+            HeaderValue::from_str(&s.body.held().header())
+                .map_err(|_| RestError::Internal("bad content-range".into()))?,
+        );
+        preference_applied(&mut resp);
+        return Ok(resp);
+    }
     Ok(upload_ok(s.body.held()))
 }
 

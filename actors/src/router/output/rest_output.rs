@@ -51,6 +51,7 @@ impl RestOutput {
             // The delivery loop sends our heartbeats when downstream is quiet.
             refresh_interval: None,
             verify: self.cfg.verify.clone(),
+            prefer_wait: true,
         }
     }
 
