@@ -15,7 +15,7 @@ use crate::StorageError;
 use crate::conn::{Pool, Pooled, establish, migrate};
 use crate::ops::{self, Key};
 use crate::types::*;
-use crate::writer::{Msg, Op, Reply, Writer};
+use crate::writer::{Msg, Op, Reply, Writer, run_all};
 
 type Result<T> = std::result::Result<T, StorageError>;
 
@@ -57,15 +57,28 @@ impl Storage {
         });
         let (conn, pool) = setup.await.map_err(|_| StorageError::Closed)??;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        let writer = Writer {
-            rx,
-            backend,
-            conn: Some(conn),
-            session: 0,
-            max_batch: opts.max_batch.max(1),
-            refresh_secs: secs(opts.blob_tx_refresh_interval),
+        let count = match backend {
+            Backend::Sqlite(_) => 1,
+            Backend::Postgres(_) => opts.pg_writers.max(1),
         };
-        start.send(writer).map_err(|_| StorageError::Closed)?;
+        let (rx, session, acks) = (
+            Arc::new(tokio::sync::Mutex::new(rx)),
+            Arc::default(),
+            Arc::default(),
+        );
+        let mut conn = Some(conn);
+        let writers = (0..count)
+            .map(|_| Writer {
+                rx: Arc::clone(&rx),
+                backend: backend.clone(),
+                conn: conn.take(),
+                session: Arc::clone(&session),
+                max_batch: opts.max_batch.max(1),
+                refresh_secs: secs(opts.blob_tx_refresh_interval),
+                acks: Arc::clone(&acks),
+            })
+            .collect();
+        start.send(writers).map_err(|_| StorageError::Closed)?;
         let mut inner = Inner {
             handle,
             writer: tx,
@@ -437,9 +450,9 @@ impl Storage {
 /// Starts the storage runtime on its own thread. It runs the writer handed over through the
 /// returned sender until the writer exits, then shuts down (on that thread, so dropping the
 /// runtime never happens inside someone's async context).
-async fn spawn_runtime() -> Result<(Handle, oneshot::Sender<Writer>)> {
+async fn spawn_runtime() -> Result<(Handle, oneshot::Sender<Vec<Writer>>)> {
     let (handle_tx, handle_rx) = oneshot::channel();
-    let (start_tx, start_rx) = oneshot::channel::<Writer>();
+    let (start_tx, start_rx) = oneshot::channel::<Vec<Writer>>();
     std::thread::Builder::new()
         .name("koukan-db".into())
         .spawn(move || {
@@ -458,7 +471,7 @@ async fn spawn_runtime() -> Result<(Handle, oneshot::Sender<Writer>)> {
             let _ = handle_tx.send(Ok(rt.handle().clone()));
             rt.block_on(async move {
                 if let Ok(w) = start_rx.await {
-                    w.run().await;
+                    run_all(w).await;
                 }
             });
         })

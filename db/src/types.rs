@@ -28,6 +28,9 @@ pub struct StorageOptions {
     pub read_pool_size: u32,
     /// Most requests committed in one SQL transaction.
     pub max_batch: usize,
+    /// PostgreSQL: writer connections committing batches side by side (SQLite has one
+    /// writer: the database has one write lock).
+    pub pg_writers: usize,
     /// A partial blob append bumps the transaction's version (a keep-alive) when the
     /// transaction was last written longer ago than this.
     pub blob_tx_refresh_interval: Duration,
@@ -38,6 +41,7 @@ impl Default for StorageOptions {
         StorageOptions {
             read_pool_size: 8,
             max_batch: 256,
+            pg_writers: 4,
             blob_tx_refresh_interval: Duration::from_secs(10),
         }
     }

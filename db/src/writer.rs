@@ -2,6 +2,9 @@
 //! savepoint of one SQL transaction (a failing request does not abort the batch), commits
 //! once and only then answers every caller — group commit, so one fsync serves many writes.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
 use koukan::Transaction;
 use tokio::sync::{mpsc, oneshot};
 
@@ -86,14 +89,35 @@ pub(crate) enum Msg {
     Close(oneshot::Sender<()>),
 }
 
+/// One writer: a connection and the batches it commits. SQLite has exactly one (the
+/// database has one write lock); PostgreSQL several, sharing one queue, so one writer's
+/// batch is built and run while another's commit is in flight.
 pub(crate) struct Writer {
-    pub rx: mpsc::Receiver<Msg>,
+    pub rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Msg>>>,
     pub backend: Backend,
-    /// `None` after a failure that may have broken it; re-established for the next batch.
+    /// `None` after a failure that may have broken it (and for the writers after the
+    /// first, until their first batch).
     pub conn: Option<OwnedConn>,
-    pub session: SessionId,
+    /// This process's session, known once `OpenSession` ran on any writer.
+    pub session: Arc<AtomicI64>,
     pub max_batch: usize,
     pub refresh_secs: i64,
+    /// `Close` acknowledgements, sent once every writer has stopped.
+    pub acks: Arc<Mutex<Vec<oneshot::Sender<()>>>>,
+}
+
+/// Runs the writers until the queue is closed; then acknowledges `Close`.
+pub(crate) async fn run_all(writers: Vec<Writer>) {
+    let Some(acks) = writers.first().map(|w| w.acks.clone()) else {
+        return;
+    };
+    let tasks: Vec<_> = writers.into_iter().map(|w| tokio::spawn(w.run())).collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    for ack in acks.lock().unwrap().drain(..) {
+        let _ = ack.send(());
+    }
 }
 
 /// Copies an error for every caller of a failed batch.
@@ -107,39 +131,47 @@ fn copy_err(e: &StorageError) -> StorageError {
 
 impl Writer {
     pub(crate) async fn run(mut self) {
-        let mut closing = None;
         let mut batch: Vec<(Op, ReplyTx)> = Vec::new();
-        while closing.is_none() {
-            match self.rx.recv().await {
-                Some(Msg::Op(op, tx)) => batch.push((op, tx)),
-                Some(Msg::Close(ack)) => closing = Some(ack),
-                None => break,
-            }
-            while closing.is_none() && batch.len() < self.max_batch {
-                match self.rx.try_recv() {
-                    Ok(Msg::Op(op, tx)) => batch.push((op, tx)),
-                    Ok(Msg::Close(ack)) => closing = Some(ack),
-                    Err(_) => break,
+        loop {
+            let mut stop = false;
+            {
+                let mut rx = self.rx.lock().await;
+                match rx.recv().await {
+                    Some(Msg::Op(op, tx)) => batch.push((op, tx)),
+                    Some(Msg::Close(ack)) => stop = self.close(&mut rx, ack),
+                    None => stop = true,
+                }
+                while !stop && batch.len() < self.max_batch {
+                    match rx.try_recv() {
+                        Ok(Msg::Op(op, tx)) => batch.push((op, tx)),
+                        Ok(Msg::Close(ack)) => stop = self.close(&mut rx, ack),
+                        Err(_) => break,
+                    }
                 }
             }
             if !batch.is_empty() {
                 self.run_batch(std::mem::take(&mut batch)).await;
             }
+            if stop {
+                return;
+            }
         }
-        self.rx.close();
-        while let Ok(m) = self.rx.try_recv() {
+    }
+
+    /// `Close`: nothing queued after it runs. The other writers find the queue closed and
+    /// stop after their batch; [`run_all`] acknowledges once all have.
+    fn close(&self, rx: &mut mpsc::Receiver<Msg>, ack: oneshot::Sender<()>) -> bool {
+        self.acks.lock().unwrap().push(ack);
+        rx.close();
+        while let Ok(m) = rx.try_recv() {
             match m {
                 Msg::Op(_, tx) => {
                     let _ = tx.send(Err(StorageError::Closed));
                 }
-                Msg::Close(ack) => {
-                    let _ = ack.send(());
-                }
+                Msg::Close(ack) => self.acks.lock().unwrap().push(ack),
             }
         }
-        if let Some(ack) = closing {
-            let _ = ack.send(());
-        }
+        true
     }
 
     async fn run_batch(&mut self, batch: Vec<(Op, ReplyTx)>) {
@@ -151,7 +183,7 @@ impl Writer {
         }
         let sqlite = matches!(self.backend, Backend::Sqlite(_));
         let single = batch.len() == 1;
-        let (session, refresh_secs) = (self.session, self.refresh_secs);
+        let (session, refresh_secs) = (self.session.load(Ordering::Relaxed), self.refresh_secs);
         let conn = self.conn.as_mut().expect("established above");
         let mut c = conn.borrow();
 
@@ -202,7 +234,7 @@ impl Writer {
                 };
             }
             if let Ok(Reply::Session(id)) = &r {
-                self.session = *id;
+                self.session.store(*id, Ordering::Relaxed);
             }
             results.push((r, tx));
         }

@@ -154,6 +154,7 @@ suite!(
     set_body_reuses,
     restart_takes_back_leases,
     memory_transaction,
+    concurrent_writes,
 );
 
 // ---- helpers ------------------------------------------------------------------------------
@@ -1431,4 +1432,48 @@ async fn memory_transaction(db: &Db) {
     ));
     assert!(c.tx.cancelled && c.is_final());
     assert_eq!(c.tx.final_attempt_reason.as_deref(), Some(REASON_CANCELLED));
+}
+
+/// Many callers at once (on PostgreSQL spread over several writer connections): every
+/// transaction's writes land in order, and `close` answers only after all of them.
+async fn concurrent_writes(db: &Db) {
+    let s = db.open("http://a").await;
+    let runs = (0..64).map(|i| {
+        let s = s.clone();
+        async move {
+            let mut new = new_tx(inline(&format!("body {i}")), true, false);
+            new.start_attempt = true;
+            let r = s.create(new).await.unwrap();
+            let l = lease(&r);
+            let v = s
+                .write_attempt(r.id, r.version, l, &responses(250))
+                .await
+                .unwrap();
+            let finish = Finish {
+                responses: responses(250),
+                final_attempt_reason: Some("delivered".into()),
+                ..Default::default()
+            };
+            s.finish_attempt(r.id, v, l, finish).await.unwrap();
+            r.id
+        }
+    });
+    let ids = futures_util::future::join_all(runs).await;
+    for id in ids {
+        let r = s.load_id(id).await.unwrap().unwrap();
+        assert_eq!(r.tx.final_attempt_reason.as_deref(), Some("delivered"));
+        assert_eq!(r.tx.data_response.as_ref().map(|d| d.code), Some(250));
+        assert!(r.lease.is_none());
+    }
+    // Writes queued before `close` are answered; later ones are refused.
+    let pending = (0..16).map(|_| s.create(new_tx(NewBody::None, false, false)));
+    let (done, ()) = tokio::join!(futures_util::future::join_all(pending), s.close());
+    assert!(
+        done.iter()
+            .all(|r| r.is_ok() || matches!(r, Err(StorageError::Closed)))
+    );
+    assert!(matches!(
+        s.create(new_tx(NewBody::None, false, false)).await,
+        Err(StorageError::Closed)
+    ));
 }
