@@ -6,6 +6,8 @@
 #   bench/run.sh [--quick] [--backend sqlite|postgres|both] [--no-postfix] [--no-build]
 #                [--duration S] [--warmup S] [--big] [--idle] [--only-extra] [--out DIR]
 #                [--cells "smtp 50 2k 1,rest 10 2k 1"]   (only these matrix cells)
+# KOUKAN_BENCH_PRELOAD=/path/lib.so runs the router and the gateway with it preloaded
+# (an allocator A/B without a rebuild).
 #
 # Ports (chosen not to collide with config/run-local.sh): sink 13025, router REST 18000,
 # gateway REST 18001, gateway MX 11025, Postfix 12025. Results: DIR/results.jsonl (one JSON
@@ -40,7 +42,7 @@ while [[ $# -gt 0 ]]; do
         --only-extra) matrix=0 ;;
         --out) shift; out="$1" ;;
         --cells) shift; cells="$1" ;;
-        -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,15p "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -154,10 +156,10 @@ start_stack() {
             url="$pg_url_base/koukan_bench" ;;
     esac
     configs "$url"
-    (cd "$work" && exec "$bin/koukan-router" router.yaml) > "$work/router-$backend.log" 2>&1 &
+    (cd "$work" && exec env ${KOUKAN_BENCH_PRELOAD:+LD_PRELOAD="$KOUKAN_BENCH_PRELOAD"} "$bin/koukan-router" router.yaml) > "$work/router-$backend.log" 2>&1 &
     router_pid=$!
     wait_port "$ROUTER"
-    (cd "$work" && exec "$bin/koukan-gateway" gateway.yaml) > "$work/gateway-$backend.log" 2>&1 &
+    (cd "$work" && exec env ${KOUKAN_BENCH_PRELOAD:+LD_PRELOAD="$KOUKAN_BENCH_PRELOAD"} "$bin/koukan-gateway" gateway.yaml) > "$work/gateway-$backend.log" 2>&1 &
     gateway_pid=$!
     wait_port "$GATEWAY"
     wait_port "$MX"

@@ -9,6 +9,11 @@ use clap::Parser;
 use koukan::config::{LoadOptions, RouterConfig};
 use koukan_actors::router::{Router, Settings};
 
+// jemalloc: about a sixth less router CPU per relayed message than the system allocator in
+// an A/B (BENCHMARKS.md, change 16); the relay allocates many small, short-lived buffers.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The Koukan router: REST transactions, durable storage, output chains.
 #[derive(Parser)]
 #[command(version)]
