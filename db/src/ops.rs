@@ -697,15 +697,19 @@ async fn reusable_blob(c: &mut Conn<'_>, uri: &BlobUri) -> Result<NewBlob> {
     }
 }
 
-/// A finalized blob named by its id, for sharing.
-async fn shared_blob(c: &mut Conn<'_>, id: i64) -> Result<NewBlob> {
-    let found: Option<(i64, Option<i64>)> = run!(c, |c| blobs::table
+/// A blob's stored length and declared total, if it exists.
+async fn blob_state(c: &mut Conn<'_>, id: i64) -> Result<Option<(i64, Option<i64>)>> {
+    Ok(run!(c, |c| blobs::table
         .filter(blobs::id.eq(id))
         .select((blobs::length, blobs::total))
         .get_result(c)
         .await
-        .optional())?;
-    match found {
+        .optional())?)
+}
+
+/// A finalized blob named by its id, for sharing.
+async fn shared_blob(c: &mut Conn<'_>, id: i64) -> Result<NewBlob> {
+    match blob_state(c, id).await? {
         None => Err(StorageError::BadReuse(format!("no blob {id}"))),
         Some((len, total)) if total == Some(len) => Ok((id, len, total)),
         Some(_) => Err(StorageError::BadReuse(format!(
@@ -1290,13 +1294,7 @@ pub(crate) async fn append_blob(
         }
         None => return Ok(AppendOutcome::UnknownBlob),
         Some(id) => {
-            let found: Option<(i64, Option<i64>)> = run!(c, |c| blobs::table
-                .filter(blobs::id.eq(id))
-                .select((blobs::length, blobs::total))
-                .get_result(c)
-                .await
-                .optional())?;
-            let Some((len, total)) = found else {
+            let Some((len, total)) = blob_state(c, id).await? else {
                 return Ok(AppendOutcome::UnknownBlob);
             };
             Held {
