@@ -243,6 +243,7 @@ endpoint:
     assert_eq!(st.gc_ttl, Duration::from_secs(86400));
     assert_eq!(st.blob_tx_refresh_interval, Duration::from_secs(10));
     assert_eq!(st.cache_ttl, Duration::from_secs(5));
+    assert!(!st.store_smtp_transactions);
     let ep = cfg.endpoint("out").unwrap();
     let oh = ep.output_handler.as_ref().unwrap();
     assert_eq!(oh.downstream_timeout, Duration::from_secs(60));
@@ -442,6 +443,15 @@ fn bad_storage() {
     assert_eq!(
         e.to_string(),
         "storage.url: unsupported database \"mysql\" (expected sqlite or postgresql)"
+    );
+    let e = RouterConfig::from_yaml_str(&format!(
+        "rest_listener: {{addr: [h, 1], session_uri: x}}\nstorage: {{url: 'sqlite://', store_smtp_transactions: sometimes}}\n{SIMPLE}"
+    ))
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("storage.store_smtp_transactions:"),
+        "{e}"
     );
 }
 

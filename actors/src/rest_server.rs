@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse};
-use koukan::range::ContentRange;
+use koukan::range::{ContentRange, HeldRange};
 use thiserror::Error;
 
 /// Longest a hanging GET waits, whatever the client asks.
@@ -85,7 +86,22 @@ pub fn prefer_wait(req: &HttpRequest) -> Option<Duration> {
 }
 
 /// Marks an answer given after a `Prefer: wait`: its body is the transaction's JSON.
-pub const PREFERENCE_APPLIED: (&str, &str) = ("preference-applied", "wait");
+pub fn preference_applied(resp: &mut HttpResponse) {
+    resp.headers_mut().insert(
+        HeaderName::from_static("preference-applied"),
+        HeaderValue::from_static("wait"),
+    );
+}
+
+/// A transaction's JSON answering a body PUT that waited: the upload's `content-range` too.
+pub fn settled_upload(mut resp: HttpResponse, held: &HeldRange) -> HttpResponse {
+    if let Ok(range) = HeaderValue::from_str(&held.header()) {
+        resp.headers_mut()
+            .insert(HeaderName::from_static("content-range"), range);
+    }
+    preference_applied(&mut resp);
+    resp
+}
 
 /// Reads `content-length`, `content-range` and `x-finalize-blob-length` (`rest-api.md` §3.4).
 pub fn upload(req: &HttpRequest) -> Result<Upload, HeaderError> {

@@ -61,9 +61,15 @@ pub fn write_attempt(record: &mut TxRecord, lease: Lease, responses: &Transactio
     Ok(())
 }
 
-/// The end of the attempt. A DSN in `finish` is not this function's: the caller stores it.
+/// The end of the attempt. Only transactions without notification are kept in memory, so
+/// a finish carrying a DSN is refused rather than dropped.
 pub fn finish_attempt(record: &mut TxRecord, lease: Lease, finish: &Finish) -> Result<()> {
     fence(record, lease)?;
+    if finish.dsn.is_some() {
+        return Err(StorageError::Invalid(
+            "a transaction kept in memory sends no DSN".into(),
+        ));
+    }
     let final_attempt_reason = match &finish.final_attempt_reason {
         // First real reason wins (a cancel may have landed during the attempt).
         Some(reason) if !record.is_final() => Some(reason.clone()),

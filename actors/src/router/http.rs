@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use actix::Addr;
 use actix_web::http::StatusCode;
-use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -244,14 +243,14 @@ async fn create(
             start_attempt: leased,
         };
         if in_memory {
-            // Ids are random: one collision with a live transaction is as unlikely as in
-            // the table, and the registry would refuse it.
+            // A random id collided with a live transaction: draw another.
             let record = memory::create(state.storage.session_id(), &new)?;
-            if state.registry.get(&record.rest_id).is_some() && attempt < 3 {
-                attempt += 1;
-                continue;
+            match state.registry.get(&record.rest_id) {
+                None => break record,
+                Some(_) if attempt < 3 => attempt += 1,
+                Some(_) => return Err(RestError::Internal("no unused transaction id".into())),
             }
-            break record;
+            continue;
         }
         match state.storage.create(new).await {
             Ok(record) => break record,
@@ -276,10 +275,7 @@ async fn create(
         {
             let record = settled(rx, wait).await;
             resp = read_response(StatusCode::CREATED, &state.settings, &record);
-            resp.headers_mut().insert(
-                HeaderName::from_static(rest_server::PREFERENCE_APPLIED.0),
-                HeaderValue::from_static(rest_server::PREFERENCE_APPLIED.1),
-            );
+            rest_server::preference_applied(&mut resp);
         }
     }
     resp.headers_mut().insert(
@@ -525,18 +521,8 @@ async fn upload(
         && blob.finalized()
     {
         let record = settled(rx, wait).await;
-        let mut resp = read_response(StatusCode::OK, &state.settings, &record);
-        let h = resp.headers_mut();
-        h.insert(
-            HeaderName::from_static("content-range"),
-            HeaderValue::from_str(&held(&blob).header())
-                .map_err(|_| RestError::Internal("bad content-range".into()))?,
-        );
-        h.insert(
-            HeaderName::from_static(rest_server::PREFERENCE_APPLIED.0),
-            HeaderValue::from_static(rest_server::PREFERENCE_APPLIED.1),
-        );
-        return Ok(resp);
+        let resp = read_response(StatusCode::OK, &state.settings, &record);
+        return Ok(rest_server::settled_upload(resp, &held(&blob)));
     }
     let mut resp = HttpResponse::Ok();
     if let Some(v) = version_written {

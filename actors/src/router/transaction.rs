@@ -80,6 +80,15 @@ impl TransactionActor {
         self.watch.send_replace(self.record.clone());
     }
 
+    /// Applies `change` to an in-memory record and publishes the result.
+    fn change_in_memory<R>(&mut self, change: impl FnOnce(&mut TxRecord) -> R) -> R {
+        self.last_activity = Instant::now();
+        let mut record = (*self.record).clone();
+        let out = change(&mut record);
+        self.publish(record);
+        out
+    }
+
     /// The replica to redirect to, when another live one holds the lease.
     fn elsewhere(&self, record: &TxRecord) -> Option<String> {
         match (&record.lease, &record.lease_uri) {
@@ -264,13 +273,8 @@ impl Handler<Appended> for TransactionActor {
     fn handle(&mut self, msg: Appended, _: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
         if self.record.in_memory() {
-            let mut record = (*self.record).clone();
-            let version = memory::appended(
-                &mut record,
-                &msg.blob,
-                self.settings.blob_tx_refresh_interval,
-            );
-            self.publish(record);
+            let refresh = self.settings.blob_tx_refresh_interval;
+            let version = self.change_in_memory(|r| memory::appended(r, &msg.blob, refresh));
             return AtomicResponse::new(Box::pin(fut::ready(version)));
         }
         let Some(version) = msg.version else {
@@ -338,9 +342,7 @@ impl Handler<Cancel> for TransactionActor {
     fn handle(&mut self, _: Cancel, _: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
         if self.record.in_memory() {
-            let mut record = (*self.record).clone();
-            memory::cancel(&mut record);
-            self.publish(record);
+            self.change_in_memory(memory::cancel);
             return AtomicResponse::new(Box::pin(fut::ready(Ok(self.record.clone()))));
         }
         let storage = self.storage.clone();
@@ -411,30 +413,14 @@ const WRITE_TRIES: u32 = 5;
 impl Handler<AttemptWrite> for TransactionActor {
     type Result = AtomicResponse<Self, Result<Arc<TxRecord>, StorageError>>;
 
-    fn handle(&mut self, mut msg: AttemptWrite, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: AttemptWrite, _: &mut Self::Context) -> Self::Result {
         if self.record.in_memory() {
-            self.last_activity = Instant::now();
-            // A DSN is a stored transaction of its own, whatever this one is.
-            let dsn = msg.finish.as_mut().and_then(|f| f.dsn.take());
-            let storage = self.storage.clone();
-            let store_dsn = async move {
-                match dsn {
-                    Some(dsn) => storage.create(dsn).await.map(drop),
-                    None => Ok(()),
-                }
-            };
-            return AtomicResponse::new(Box::pin(store_dsn.into_actor(self).map(
-                move |res, act, _| {
-                    res?;
-                    let mut record = (*act.record).clone();
-                    match &msg.finish {
-                        None => memory::write_attempt(&mut record, msg.lease, &msg.responses)?,
-                        Some(f) => memory::finish_attempt(&mut record, msg.lease, f)?,
-                    }
-                    act.publish(record);
-                    Ok(act.record.clone())
-                },
-            )));
+            let written = self.change_in_memory(|r| match &msg.finish {
+                None => memory::write_attempt(r, msg.lease, &msg.responses),
+                Some(f) => memory::finish_attempt(r, msg.lease, f),
+            });
+            let answer = written.map(|()| self.record.clone());
+            return AtomicResponse::new(Box::pin(fut::ready(answer)));
         }
         let lease = msg.lease;
         let msg = Arc::new(msg);
@@ -585,10 +571,7 @@ impl Handler<Ping> for TransactionActor {
 
     fn handle(&mut self, _: Ping, _: &mut Self::Context) -> Self::Result {
         if self.record.in_memory() {
-            self.last_activity = Instant::now();
-            let mut record = (*self.record).clone();
-            memory::ping(&mut record);
-            self.publish(record);
+            self.change_in_memory(memory::ping);
             return AtomicResponse::new(Box::pin(fut::ready(Ok(self.record.clone()))));
         }
         // Only the version moves: no need to read the row back.

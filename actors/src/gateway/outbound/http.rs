@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use actix::Addr;
 use actix_web::http::StatusCode;
-use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::BytesMut;
 use futures_util::StreamExt;
@@ -71,13 +70,6 @@ async fn settled(mut rx: watch::Receiver<Arc<TxState>>, wait: Duration) -> Arc<T
     rx.borrow().clone()
 }
 
-fn preference_applied(resp: &mut HttpResponse) {
-    resp.headers_mut().insert(
-        HeaderName::from_static(rest_server::PREFERENCE_APPLIED.0),
-        HeaderValue::from_static(rest_server::PREFERENCE_APPLIED.1),
-    );
-}
-
 fn lookup(
     state: &State,
     id: &str,
@@ -133,7 +125,7 @@ async fn create(
     };
     let mut resp = read_response(StatusCode::CREATED, &state, &snapshot);
     if waited {
-        preference_applied(&mut resp);
+        rest_server::preference_applied(&mut resp);
     }
     resp.headers_mut().insert(
         actix_web::http::header::LOCATION,
@@ -337,14 +329,8 @@ async fn put_body(
         && let Some((_, rx)) = state.registry.lookup(&id)
     {
         let s = settled(rx, wait).await;
-        let mut resp = read_response(StatusCode::OK, &state, &s);
-        resp.headers_mut().insert(
-            HeaderName::from_static("content-range"),
-            HeaderValue::from_str(&s.body.held().header())
-                .map_err(|_| RestError::Internal("bad content-range".into()))?,
-        );
-        preference_applied(&mut resp);
-        return Ok(resp);
+        let resp = read_response(StatusCode::OK, &state, &s);
+        return Ok(rest_server::settled_upload(resp, &s.body.held()));
     }
     Ok(upload_ok(s.body.held()))
 }

@@ -12,13 +12,12 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use koukan::config::AddRouteFilter;
 use koukan::filter::{ChainTx, Filter, LocalFuture, MessageBody, Next};
-use koukan::rest::{BODY_BLOB, BlobUri};
 use koukan::transaction::Body;
 use koukan::{Response, Sender, Transaction};
 use koukan_db::{NewBody, NewTransaction};
 
-use super::Output;
 use super::chains::{self, BuildError, OutputChain};
+use super::{Output, shared_body};
 
 const SUFFIX: &str = " (AddRouteFilter upstream)";
 
@@ -124,20 +123,16 @@ impl AddRoute {
             .config
             .resolve_sender(&self.sender.name, self.sender.tag.as_deref())
             .map_err(|e| e.to_string())?;
-        let body = match (&tx.tx.body, &tx.body, tx.body_blob) {
+        let body = match (&tx.tx.body, &tx.body) {
             // The stored raw body is shared, not copied.
-            (Some(Body::Message(_)), _, Some(id)) => NewBody::Blob(id),
-            (Some(Body::Message(_)), _, None) if !tx.rest_id.is_empty() => {
-                NewBody::Reuse(BlobUri {
-                    tx: tx.rest_id.clone(),
-                    blob: BODY_BLOB.into(),
-                })
+            (Some(Body::Message(_)), _) if tx.body_blob.is_some() || !tx.rest_id.is_empty() => {
+                shared_body(tx)
             }
-            (_, Some(MessageBody::Builder { .. }), _) => {
+            (_, Some(MessageBody::Builder { .. })) => {
                 return Err("a message-builder body cannot be forked (render it first)".into());
             }
-            (_, Some(body), _) => NewBody::Inline(read_all(body).await?),
-            (_, None, _) => return Ok(()),
+            (_, Some(body)) => NewBody::Inline(read_all(body).await?),
+            (_, None) => return Ok(()),
         };
         let new = NewTransaction {
             rest_id: koukan::rest_id::new_rest_id(self.output.settings.rest_id_entropy),

@@ -9,13 +9,12 @@ use std::time::Duration;
 use actix::Addr;
 use koukan::config::ExploderFilter;
 use koukan::filter::{ChainTx, Filter, LocalFuture, Next};
-use koukan::rest::{BODY_BLOB, BlobUri};
 use koukan::{Response, Sender, Transaction};
 use koukan_db::{NewBody, NewTransaction, TxRecord};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::Output;
+use super::{Output, shared_body};
 use crate::router::transaction::{
     AttachBody, Cancel, EnableRetry, Open, Opened, Ping, TransactionActor,
 };
@@ -30,18 +29,6 @@ fn busy() -> Response {
 }
 fn upstream_timeout() -> Response {
     Response::new(450, "upstream timeout (AsyncFilterWrapper)")
-}
-
-/// The downstream body, shared with a recipient's transaction (by blob id when known: a
-/// transaction kept in memory has no row to name it by).
-fn shared_body(tx: &ChainTx) -> NewBody {
-    match tx.body_blob {
-        Some(id) => NewBody::Blob(id),
-        None => NewBody::Reuse(BlobUri {
-            tx: tx.rest_id.clone(),
-            blob: BODY_BLOB.into(),
-        }),
-    }
 }
 
 struct Recipient {

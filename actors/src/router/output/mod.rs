@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use actix::{Actor, Addr};
 use koukan::config::RouterConfig;
-use koukan_db::{Storage, TxRecord};
+use koukan::filter::ChainTx;
+use koukan::rest::{BODY_BLOB, BlobUri};
+use koukan_db::{NewBody, Storage, TxRecord};
 
 pub use chains::{BuildContext, BuildError, FilterFactory, Filters, OutputParams};
 pub use delivery::Delivery;
@@ -29,6 +31,18 @@ use koukan::config::FilterConfig;
 use super::registry::Registry;
 use super::settings::Settings;
 use super::transaction::TransactionActor;
+
+/// The raw body of the transaction `tx` runs for, shared (not copied) with a new one: by
+/// blob id when known (a transaction kept in memory has no row to name it by).
+pub(crate) fn shared_body(tx: &ChainTx) -> NewBody {
+    match tx.body_blob {
+        Some(id) => NewBody::Blob(id),
+        None => NewBody::Reuse(BlobUri {
+            tx: tx.rest_id.clone(),
+            blob: BODY_BLOB.into(),
+        }),
+    }
+}
 
 /// Shared by every delivery of a router process.
 pub struct Output {
