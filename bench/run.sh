@@ -7,7 +7,8 @@
 #                [--duration S] [--warmup S] [--big] [--idle] [--only-extra] [--out DIR]
 #                [--cells "smtp 50 2k 1,rest 10 2k 1"]   (only these matrix cells)
 # KOUKAN_BENCH_PRELOAD=/path/lib.so runs the router and the gateway with it preloaded
-# (an allocator A/B without a rebuild).
+# (an allocator A/B without a rebuild); KOUKAN_BENCH_BIN=DIR takes the three binaries from
+# DIR instead of target/release (a before/after A/B of two builds, alternated).
 #
 # Ports (chosen not to collide with config/run-local.sh): sink 13025, router REST 18000,
 # gateway REST 18001, gateway MX 11025, Postfix 12025. Results: DIR/results.jsonl (one JSON
@@ -58,7 +59,7 @@ else
     idle=1
 fi
 
-bin="$repo/target/release"
+bin="${KOUKAN_BENCH_BIN:-$repo/target/release}"
 if [[ $build == 1 ]]; then
     cargo build --release --bins
 fi

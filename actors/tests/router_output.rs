@@ -43,6 +43,8 @@ struct Opts {
     rest_rcpt_timeout: u64,
     /// `storage.store_smtp_transactions`.
     store_smtp: bool,
+    /// `executor.output.max_inflight`.
+    max_inflight: usize,
 }
 
 impl Default for Opts {
@@ -60,6 +62,7 @@ impl Default for Opts {
             exploder_refresh: 30,
             rest_rcpt_timeout: 4,
             store_smtp: false,
+            max_inflight: 100,
         }
     }
 }
@@ -71,7 +74,7 @@ fn yaml(o: &Opts, port: u16, db: &std::path::Path, receiver: &str) -> String {
   dequeue: {dequeue}
   executor:
     output:
-      max_inflight: 100
+      max_inflight: {max_inflight}
 rest_listener:
   addr: ["127.0.0.1", {port}]
   session_uri: http://127.0.0.1:{port}
@@ -137,6 +140,7 @@ storage:
   store_smtp_transactions: {store_smtp}
 "#,
         dequeue = o.dequeue,
+        max_inflight = o.max_inflight,
         senders = o.senders,
         endpoints = o.endpoints,
         dt = o.downstream_timeout,
@@ -437,6 +441,73 @@ async fn delivered_with_upstream_responses() {
     // Nothing left to do: no DSN for a delivered message.
     assert!(env.drain().await.is_empty());
     assert!(env.rx.dsns().is_empty());
+}
+
+#[actix_rt::test]
+async fn backlog_waits_for_capacity_then_drains() {
+    // One delivery at a time: the held one takes the slot, the next two wait unleased and
+    // go out (in order) once it ends.
+    let env = start(Opts {
+        dequeue: true,
+        max_inflight: 1,
+        ..Default::default()
+    })
+    .await;
+    let held = env
+        .submit(
+            "submission",
+            "alice@example.com",
+            "hold@example.net",
+            MESSAGE,
+        )
+        .await;
+    env.rx
+        .wait(LIMIT, "the held transaction", |t| t.len() == 1)
+        .await;
+    let queued = [
+        env.submit(
+            "submission",
+            "alice@example.com",
+            "ok2@example.net",
+            MESSAGE,
+        )
+        .await,
+        env.submit(
+            "submission",
+            "alice@example.com",
+            "ok3@example.net",
+            MESSAGE,
+        )
+        .await,
+    ];
+    for url in &queued {
+        let r = env.record(url).await;
+        assert_eq!(r.lease, None, "no capacity: stored for the dequeuer");
+        assert_eq!(r.final_attempt_reason, None);
+    }
+    assert!(env.rx.to("ok").is_empty(), "the slot is taken");
+    env.rx.release();
+    let v = env.wait_final(&held).await;
+    assert_eq!(v["final_attempt_reason"], "upstream response success");
+    for url in &queued {
+        let v = env.wait_final(url).await;
+        assert_eq!(v["final_attempt_reason"], "upstream response success");
+        assert_eq!(v["attempt_count"], 1);
+    }
+    let order: Vec<_> = env
+        .rx
+        .transactions()
+        .iter()
+        .map(|t| t.rcpt_to.clone())
+        .collect();
+    assert_eq!(
+        order,
+        [
+            vec!["hold@example.net".to_string()],
+            vec!["ok2@example.net".to_string()],
+            vec!["ok3@example.net".to_string()]
+        ]
+    );
 }
 
 #[actix_rt::test]

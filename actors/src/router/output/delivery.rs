@@ -382,8 +382,10 @@ impl Attempt {
         let mut final_reason = reason.map(str::to_string);
         let mut next_attempt_time = None;
         let cancelled = view.tx.cancelled;
-        let now = self.output.now().await;
+        // The database clock costs a read, so it is asked only by a retry or a bounce (a
+        // delivered message has neither).
         if final_reason.is_none() && !cancelled && record.tx.retry {
+            let now = self.output.now().await;
             let attempt = record.attempt_id.unwrap_or(1) as u32;
             match params.backoff.next(attempt, record.creation, now) {
                 Retry::At(t) => next_attempt_time = Some(t),
@@ -399,6 +401,7 @@ impl Attempt {
                 let last = final_reason.is_some() || !record.tx.retry;
                 let tx = envelope_with(&record.tx, &responses);
                 if let Some(response) = bounce_response(&tx, last) {
+                    let now = self.output.now().await;
                     dsn = self
                         .dsn(record, view.body.as_ref(), params, out, &tx, &response, now)
                         .await;

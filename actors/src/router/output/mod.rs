@@ -24,7 +24,7 @@ use koukan_db::{NewBody, Storage, TxRecord};
 
 pub use chains::{BuildContext, BuildError, FilterFactory, Filters, OutputParams};
 pub use delivery::Delivery;
-pub use dequeue::{Dequeuer, Kick};
+pub use dequeue::{Dequeuer, Freed, Kick};
 
 use koukan::config::FilterConfig;
 
@@ -126,7 +126,9 @@ impl Output {
 
     pub(crate) fn delivery_ended(&self) {
         self.active.fetch_sub(1, Ordering::Relaxed);
-        self.kick_dequeue();
+        if let Some(d) = &*self.dequeuer.lock().unwrap() {
+            d.do_send(Freed);
+        }
     }
 
     /// The database clock (plus the test offset), Unix seconds.
