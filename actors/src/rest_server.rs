@@ -85,6 +85,17 @@ pub fn prefer_wait(req: &HttpRequest) -> Option<Duration> {
         .map(|s| Duration::from_secs(s).min(MAX_POLL))
 }
 
+/// The newest state once `settled` holds for it, or once `wait` has passed: what a
+/// `Prefer: wait` request is answered with.
+pub async fn wait_settled<T: Clone>(
+    mut rx: tokio::sync::watch::Receiver<T>,
+    wait: Duration,
+    settled: impl Fn(&T) -> bool,
+) -> T {
+    let _ = tokio::time::timeout(wait, rx.wait_for(settled)).await;
+    rx.borrow().clone()
+}
+
 /// Marks an answer given after a `Prefer: wait`: its body is the transaction's JSON.
 pub fn preference_applied(resp: &mut HttpResponse) {
     resp.headers_mut().insert(

@@ -1139,11 +1139,7 @@ pub(crate) async fn append(
         .optional())?;
     let mut created = false;
     let held = match blob {
-        Some((id, len, total)) => Held {
-            blob_id: id,
-            length: to_u64("blob length", len)?,
-            total: total.map(|t| to_u64("blob total", t)).transpose()?,
-        },
+        Some((id, len, total)) => Held::stored(id, len, total)?,
         None if a.create_body
             && a.blob == BODY_BLOB
             && a.offset == 0
@@ -1152,11 +1148,7 @@ pub(crate) async fn append(
             let (id, _, _) = insert_blob(c, now, None).await?;
             add_ref(c, row.id, BODY_BLOB, id).await?;
             created = true;
-            Held {
-                blob_id: id,
-                length: 0,
-                total: None,
-            }
+            Held::empty(id)
         }
         None => return Ok(AppendOutcome::UnknownBlob),
     };
@@ -1199,6 +1191,24 @@ struct Held {
 }
 
 impl Held {
+    /// A blob just created.
+    fn empty(blob_id: i64) -> Held {
+        Held {
+            blob_id,
+            length: 0,
+            total: None,
+        }
+    }
+
+    /// A blob as its row stores it.
+    fn stored(blob_id: i64, length: i64, total: Option<i64>) -> Result<Held> {
+        Ok(Held {
+            blob_id,
+            length: to_u64("blob length", length)?,
+            total: total.map(|t| to_u64("blob total", t)).transpose()?,
+        })
+    }
+
     fn finalized(&self) -> bool {
         self.total == Some(self.length)
     }
@@ -1284,24 +1294,13 @@ pub(crate) async fn append_blob(
     a: &BlobAppend,
 ) -> Result<AppendOutcome> {
     let held = match a.blob_id {
-        None if a.offset == 0 => {
-            let (id, _, _) = insert_blob(c, now, None).await?;
-            Held {
-                blob_id: id,
-                length: 0,
-                total: None,
-            }
-        }
+        None if a.offset == 0 => Held::empty(insert_blob(c, now, None).await?.0),
         None => return Ok(AppendOutcome::UnknownBlob),
         Some(id) => {
             let Some((len, total)) = blob_state(c, id).await? else {
                 return Ok(AppendOutcome::UnknownBlob);
             };
-            Held {
-                blob_id: id,
-                length: to_u64("blob length", len)?,
-                total: total.map(|t| to_u64("blob total", t)).transpose()?,
-            }
+            Held::stored(id, len, total)?
         }
     };
     Ok(

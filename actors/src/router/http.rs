@@ -175,15 +175,9 @@ fn crashed(e: actix::MailboxError) -> RestError {
     RestError::Internal(format!("transaction actor unavailable: {e}"))
 }
 
-/// Answers a `Prefer: wait` request once `rx` shows the transaction settled (or `wait`
-/// passed): the newest record.
-async fn settled(
-    mut rx: tokio::sync::watch::Receiver<Arc<TxRecord>>,
-    wait: Duration,
-) -> Arc<TxRecord> {
-    let done = |r: &Arc<TxRecord>| r.tx.settled(r.input_done);
-    let _ = tokio::time::timeout(wait, rx.wait_for(done)).await;
-    rx.borrow().clone()
+/// The record a `Prefer: wait` request is answered with.
+async fn settled(rx: tokio::sync::watch::Receiver<Arc<TxRecord>>, wait: Duration) -> Arc<TxRecord> {
+    rest_server::wait_settled(rx, wait, |r| r.tx.settled(r.input_done)).await
 }
 
 async fn create(

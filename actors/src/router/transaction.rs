@@ -205,7 +205,7 @@ impl Handler<Patch> for TransactionActor {
         let current = self.record.clone();
         let reload = self.reload();
         let work = async move {
-            let record = if current.version.to_string() == msg.if_match {
+            let mut record = if current.version.to_string() == msg.if_match {
                 (*current).clone()
             } else {
                 reload.await?
@@ -221,7 +221,7 @@ impl Handler<Patch> for TransactionActor {
                 None => false,
             };
             let version = if record.in_memory() {
-                Ok(record.version + 1)
+                Ok(memory::ping(&mut record))
             } else if changed {
                 storage
                     .write_envelope(record.id, record.version, &envelope)
@@ -233,7 +233,6 @@ impl Handler<Patch> for TransactionActor {
                 StorageError::Conflict => RestError::PreconditionFailed,
                 e => e.into(),
             })?;
-            let mut record = record;
             record.version = version;
             if changed {
                 let responses = std::mem::take(&mut record.tx);

@@ -63,11 +63,9 @@ fn read_response(status: StatusCode, state: &State, tx: &TxState) -> HttpRespons
         .body(tx.render(&state.registry.shared().session_uri))
 }
 
-/// The state once settled (or `wait` passed), for a `Prefer: wait` request.
-async fn settled(mut rx: watch::Receiver<Arc<TxState>>, wait: Duration) -> Arc<TxState> {
-    let done = |s: &Arc<TxState>| s.tx.settled(s.body.finalized());
-    let _ = tokio::time::timeout(wait, rx.wait_for(done)).await;
-    rx.borrow().clone()
+/// The state a `Prefer: wait` request is answered with.
+async fn settled(rx: watch::Receiver<Arc<TxState>>, wait: Duration) -> Arc<TxState> {
+    rest_server::wait_settled(rx, wait, |s| s.tx.settled(s.body.finalized())).await
 }
 
 fn lookup(

@@ -87,8 +87,16 @@ impl Output {
     }
 
     pub fn kick_dequeue(&self) {
+        self.tell_dequeuer(Kick);
+    }
+
+    fn tell_dequeuer<M>(&self, msg: M)
+    where
+        M: actix::Message<Result = ()> + Send + 'static,
+        Dequeuer: actix::Handler<M>,
+    {
         if let Some(d) = &*self.dequeuer.lock().unwrap() {
-            d.do_send(Kick);
+            d.do_send(msg);
         }
     }
 
@@ -126,9 +134,7 @@ impl Output {
 
     pub(crate) fn delivery_ended(&self) {
         self.active.fetch_sub(1, Ordering::Relaxed);
-        if let Some(d) = &*self.dequeuer.lock().unwrap() {
-            d.do_send(Freed);
-        }
+        self.tell_dequeuer(Freed);
     }
 
     /// The database clock (plus the test offset), Unix seconds.
